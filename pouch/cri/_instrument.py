@@ -1,0 +1,178 @@
+"""What every RPC passes through on the Trio side of the edge.
+
+``instrument()`` wraps one RPC implementation with, in order: the call gate
+(UNAVAILABLE before start-up and while draining), the client's deadline as a
+Trio deadline, one structured log line with the ids the request names and
+the call's duration, and the only table that turns core errors into gRPC
+status codes (containerd: ``instrument`` plus ``errgrpc.ToGRPC``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from pouch import errors
+from pouch.log import get_logger
+
+log = get_logger("pouch.cri")
+
+# Resolved along the exception's MRO, most specific first.
+ERROR_TABLE: Final[dict[type[BaseException], Status]] = {
+    errors.NotFound: Status.NOT_FOUND,
+    errors.AlreadyExists: Status.ALREADY_EXISTS,
+    errors.InvalidArgument: Status.INVALID_ARGUMENT,
+    errors.FailedPrecondition: Status.FAILED_PRECONDITION,
+    errors.Unavailable: Status.UNAVAILABLE,
+    errors.ResourceExhausted: Status.RESOURCE_EXHAUSTED,
+    errors.Unimplemented: Status.UNIMPLEMENTED,
+    trio.TooSlowError: Status.DEADLINE_EXCEEDED,
+}
+
+
+def status_for(exc: BaseException) -> Status | None:
+    """The gRPC status for a core error, or None when it is unexpected."""
+    for cls in type(exc).__mro__:
+        status = ERROR_TABLE.get(cls)
+        if status is not None:
+            return status
+    return None
+
+
+class CallGate:
+    """Admits calls while open.
+
+    Closed until the daemon is ready (containerd's ``checkInitialized``),
+    open while serving, closed again when a drain starts.  Calls in flight
+    are counted at the bridge, which sees them until their last byte is sent.
+    """
+
+    def __init__(self) -> None:
+        self._state = "starting"
+
+    def open(self) -> None:
+        self._state = "serving"
+
+    def close(self) -> None:
+        self._state = "draining"
+
+    def check(self) -> None:
+        """Raise `Unavailable` unless calls are admitted."""
+        if self._state == "starting":
+            raise errors.Unavailable("not initialized: pouchd is starting")
+        if self._state == "draining":
+            raise errors.Unavailable("pouchd is shutting down")
+
+
+# The request fields that identify what a call is about, logged with it.
+_ID_FIELDS: Final = ("pod_sandbox_id", "container_id", "image_id", "name")
+
+
+def ids_of(request: object) -> dict[str, str]:
+    """The ids a request names, for the log line."""
+    found: dict[str, str] = {}
+    for name in _ID_FIELDS:
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            found[name] = value
+    image = getattr(request, "image", None)
+    ref = getattr(image, "image", None)
+    if isinstance(ref, str) and ref:
+        found["image"] = ref
+    return found
+
+
+Impl = Callable[..., Awaitable[Any]]
+
+#: Test-only fault injection, as containerd's failpoints: ``POUCHD_FAILPOINTS=
+#: "Status=delay:2;Version=panic"`` delays a call or makes it raise an
+#: unexpected error.  Read once at start-up; empty in production.
+FAILPOINTS_ENV: Final = "POUCHD_FAILPOINTS"
+
+
+def parse_failpoints(spec: str) -> dict[str, tuple[str, float]]:
+    """Parse ``RPC=delay:SECONDS`` and ``RPC=panic`` items separated by ``;``."""
+    points: dict[str, tuple[str, float]] = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        rpc, _, action = item.partition("=")
+        kind, _, arg = action.partition(":")
+        if kind == "delay":
+            points[rpc] = ("delay", float(arg))
+        elif kind == "panic":
+            points[rpc] = ("panic", 0.0)
+        else:
+            raise ValueError(f"invalid failpoint {item!r}")
+    return points
+
+
+async def _trigger(point: tuple[str, float] | None) -> None:
+    if point is None:
+        return
+    kind, seconds = point
+    if kind == "delay":
+        await trio.sleep(seconds)
+    else:
+        raise RuntimeError("failpoint: injected panic")
+
+
+def instrument(
+    rpc: str,
+    impl: Impl,
+    gate: CallGate,
+    failpoint: tuple[str, float] | None = None,
+) -> Impl:
+    """Wrap a Trio RPC implementation for the edge.
+
+    The wrapper takes ``(request, remaining, *extra)``: *remaining* is what is
+    left of the client's deadline in seconds (None without one), *extra* is
+    passed on (a send function for server-streaming calls).
+    """
+
+    # Polled calls (a kubelet lists every second) log at debug unless they fail.
+    quiet = (
+        rpc in ("Version", "RuntimeConfig")
+        or rpc.startswith(("List", "Stream"))
+        or rpc.endswith(("Status", "Stats", "FsInfo"))
+    )
+
+    async def call(request: object, remaining: float | None, *extra: object) -> Any:
+        started = time.perf_counter()
+        code = Status.OK
+        fields = ids_of(request)
+        try:
+            gate.check()
+            with trio.fail_after(math.inf if remaining is None else remaining):
+                await _trigger(failpoint)
+                return await impl(request, *extra)
+        except GRPCError as exc:
+            code = exc.status
+            raise
+        except Exception as exc:
+            status = status_for(exc)
+            if status is None:
+                code = Status.UNKNOWN
+                log.error("rpc failed unexpectedly", rpc=rpc, **fields, exc_info=exc)
+                raise GRPCError(Status.UNKNOWN, f"{rpc}: internal error: {exc}") from exc
+            code = status
+            message = "deadline exceeded" if isinstance(exc, trio.TooSlowError) else str(exc)
+            raise GRPCError(status, message) from exc
+        except trio.Cancelled:
+            code = Status.CANCELLED
+            raise
+        finally:
+            emit = log.debug if quiet and code is Status.OK else log.info
+            emit(
+                "rpc",
+                rpc=rpc,
+                code=code.name,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                **fields,
+            )
+
+    return call

@@ -1,0 +1,65 @@
+"""Runtime-level RPCs: Version, Status, RuntimeConfig."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Final
+
+from pouch.cri._pb.runtime import v1 as pb
+
+if TYPE_CHECKING:
+    from pouch.core import Core
+
+RUNTIME_NAME: Final = "pouch"
+#: The CRI version this daemon speaks (``VersionResponse.runtime_api_version``).
+RUNTIME_API_VERSION: Final = "v1"
+#: The kubelet's own ``version`` field: the *kubelet* API version, fixed at 0.1.0.
+KUBELET_API_VERSION: Final = "0.1.0"
+
+
+async def version(core: Core, req: pb.VersionRequest) -> pb.VersionResponse:
+    del req  # the requested version is informational; v1 is all we speak
+    return pb.VersionResponse(
+        version=KUBELET_API_VERSION,
+        runtime_name=RUNTIME_NAME,
+        runtime_version=core.version,
+        runtime_api_version=RUNTIME_API_VERSION,
+    )
+
+
+async def status(core: Core, req: pb.StatusRequest) -> pb.StatusResponse:
+    """Report RuntimeReady and NetworkReady, as a kubelet polls them.
+
+    NetworkReady stays false until the CNI manager lands: pods cannot have
+    a network yet, and a kubelet should not schedule onto this node.
+    """
+    conditions = [
+        pb.RuntimeCondition(type="RuntimeReady", status=True),
+        pb.RuntimeCondition(
+            type="NetworkReady",
+            status=False,
+            reason="NetworkPluginNotReady",
+            message="pod networking is not available: no CNI manager in this build",
+        ),
+    ]
+    info: dict[str, str] = {}
+    if req.verbose:
+        info["config"] = json.dumps(
+            {
+                "runtimeVersion": core.version,
+                "root": str(core.config.root),
+                "state": str(core.config.state),
+                "socket": str(core.config.grpc.address),
+                "streamServer": core.stream_address,
+                "cgroupDriver": core.config.cgroup.driver.value,
+                "startedAt": core.started_at,
+            }
+        )
+    return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info)
+
+
+async def runtime_config(core: Core, req: pb.RuntimeConfigRequest) -> pb.RuntimeConfigResponse:
+    del req
+    # The config's names ("systemd", "cgroupfs") are the proto enum's, lowercased.
+    driver = pb.CgroupDriver.from_string(core.config.cgroup.driver.value.upper())
+    return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))

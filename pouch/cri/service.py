@@ -1,0 +1,63 @@
+"""The CRI services: one table of RPC name -> implementation.
+
+Each implementation is a Trio function ``(core, request) -> response`` (or
+``(core, request, send)`` for server-streaming calls) in the module of its
+RPC group.  RPCs without an implementation yet answer UNIMPLEMENTED with
+their name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from pouch import errors
+from pouch.cri import runtime
+from pouch.cri._bridge import Servable, servable
+from pouch.cri._instrument import (
+    FAILPOINTS_ENV,
+    CallGate,
+    Impl,
+    instrument,
+    parse_failpoints,
+)
+from pouch.cri._pb.runtime import v1 as pb
+
+if TYPE_CHECKING:
+    from pouch.core import Core
+
+CoreImpl = Callable[..., Awaitable[Any]]
+
+RUNTIME_SERVICE: Final = "runtime.v1.RuntimeService"
+IMAGE_SERVICE: Final = "runtime.v1.ImageService"
+
+# Keyed by the RPC's name in the proto.
+IMPLEMENTED: Final[dict[str, CoreImpl]] = {
+    "Version": runtime.version,
+    "Status": runtime.status,
+    "RuntimeConfig": runtime.runtime_config,
+}
+
+
+def _unimplemented(rpc: str) -> CoreImpl:
+    async def call(core: Core, request: object, *extra: object) -> Any:
+        raise errors.Unimplemented(f"{rpc} is not implemented by pouch yet")
+
+    return call
+
+
+def build(core: Core, gate: CallGate) -> list[Servable]:
+    """The grpclib handler objects for both CRI services."""
+    failpoints = parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
+    result = []
+    for base in (pb.RuntimeServiceBase(), pb.ImageServiceBase()):
+        base_mapping = base.__mapping__()
+        calls: dict[str, Impl] = {}
+        for path in base_mapping:
+            rpc = path.rsplit("/", 1)[-1]
+            impl = IMPLEMENTED.get(rpc) or _unimplemented(rpc)
+            calls[path] = instrument(rpc, functools.partial(impl, core), gate, failpoints.get(rpc))
+        result.append(servable(base_mapping, calls))
+    return result
