@@ -1,0 +1,155 @@
+"""Developer and CI commands.
+
+scripts/nox -s tests     set up everything (apt packages, venv) and run all checks
+scripts/nox -s serve     set up everything and run pouchd in the foreground
+scripts/nox -s lint      ruff and mypy --strict
+scripts/nox -s protos    regenerate pouch/cri/_pb from protos/
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nox
+
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).parent
+
+# Debian 12 packages the daemon runs on and the tests drive.
+RUNTIME_PACKAGES = [
+    "runc",
+    "crun",
+    "conmon",
+    "catatonit",
+    "containernetworking-plugins",
+    "iptables",
+]
+TEST_PACKAGES = [
+    "docker-registry",
+    "busybox-static",
+]
+
+
+def _missing(packages: list[str]) -> list[str]:
+    missing = []
+    for pkg in packages:
+        probe = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False
+        )
+        if "install ok installed" not in probe.stdout:
+            missing.append(pkg)
+    return missing
+
+
+def ensure_system_packages(session: nox.Session, packages: list[str]) -> None:
+    """apt-get install what is missing (once; later runs find it installed)."""
+    missing = _missing(packages)
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        session.error(f"missing Debian packages {missing}: run as root to install them")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.log(f"installing Debian packages: {' '.join(missing)}")
+    session.run("apt-get", "update", "-qq", external=True, env=env)
+    session.run(
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        *missing,
+        external=True,
+        env=env,
+    )
+    # docker-registry's package starts a system-wide registry on :5000; the
+    # tests run their own on ephemeral ports, so keep the service out of the way.
+    if "docker-registry" in missing and shutil.which("systemctl"):
+        session.run(
+            "systemctl", "disable", "--now", "docker-registry", external=True, success_codes=[0, 1]
+        )
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    _install(session, "lint")
+    _lint(session)
+
+
+def _venv_bin(name: str) -> str:
+    return str(ROOT / ".venv" / "bin" / name)
+
+
+def _install(session: nox.Session, *extras: str) -> None:
+    """One project venv (.venv) shared by the sessions, created on first use."""
+    venv = ROOT / ".venv"
+    if not (venv / "bin" / "python").exists():
+        session.run("python3", "-m", "venv", str(venv), external=True)
+    spec = f".[{','.join(extras)}]" if extras else "."
+    session.run(
+        _venv_bin("pip"),
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-e",
+        spec,
+        external=True,
+    )
+
+
+def _lint(session: nox.Session) -> None:
+    session.run(
+        _venv_bin("ruff"), "check", "pouch", "tests", "benchmarks", "noxfile.py", external=True
+    )
+    session.run(
+        _venv_bin("ruff"),
+        "format",
+        "--check",
+        "pouch",
+        "tests",
+        "benchmarks",
+        "noxfile.py",
+        external=True,
+    )
+    session.run(_venv_bin("mypy"), "pouch", external=True)
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """Install everything, then lint and run the whole suite against real components."""
+    ensure_system_packages(session, RUNTIME_PACKAGES + TEST_PACKAGES)
+    _install(session, "test", "lint")
+    _lint(session)
+    session.run(_venv_bin("pytest"), *(session.posargs or ["tests"]), external=True)
+
+
+@nox.session(python=False)
+def serve(session: nox.Session) -> None:
+    """Install everything and run pouchd in the foreground with the default config."""
+    ensure_system_packages(session, RUNTIME_PACKAGES)
+    _install(session)
+    session.run(_venv_bin("pouchd"), *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def protos(session: nox.Session) -> None:
+    """Regenerate the betterproto code from protos/ (the test suite checks it is fresh)."""
+    _install(session, "test")
+    out = ROOT / "pouch" / "cri" / "_pb"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    env = {"PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    session.run(
+        _venv_bin("python"),
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{ROOT / 'protos'}",
+        f"--python_betterproto_out={out}",
+        "runtime/v1/api.proto",
+        external=True,
+        env=env,
+    )
