@@ -101,20 +101,13 @@ def _install(session: nox.Session, *extras: str) -> None:
     )
 
 
+LINTED = ["pouch", "tests", "benchmarks", "noxfile.py"]
+
+
 def _lint(session: nox.Session) -> None:
-    session.run(
-        _venv_bin("ruff"), "check", "pouch", "tests", "benchmarks", "noxfile.py", external=True
-    )
-    session.run(
-        _venv_bin("ruff"),
-        "format",
-        "--check",
-        "pouch",
-        "tests",
-        "benchmarks",
-        "noxfile.py",
-        external=True,
-    )
+    ruff = _venv_bin("ruff")
+    session.run(ruff, "check", *LINTED, external=True)
+    session.run(ruff, "format", "--check", *LINTED, external=True)
     session.run(_venv_bin("mypy"), "pouch", external=True)
 
 
