@@ -115,7 +115,7 @@ def _lint(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Install everything, then lint and run the whole suite against real components."""
     ensure_system_packages(session, RUNTIME_PACKAGES + TEST_PACKAGES)
-    _install(session, "test", "lint")
+    _install(session, "test", "lint", "bench")
     _lint(session)
     session.run(_venv_bin("pytest"), *(session.posargs or ["tests"]), external=True)
 
