@@ -32,6 +32,7 @@ RUNTIME_PACKAGES = [
 TEST_PACKAGES = [
     "docker-registry",
     "busybox-static",
+    "skopeo",
 ]
 
 

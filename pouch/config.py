@@ -15,7 +15,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import cattrs
 import cattrs.gen
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,6 +75,32 @@ class CgroupConfig:
 
 
 @attrs.frozen
+class MirrorConfig:
+    #: Endpoints tried in order, each ``scheme://host[:port][/path]``; the
+    #: repository path is kept (containerd's registry mirrors).
+    endpoints: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class RegistryConfig:
+    #: Registry host (as in an image name, ``docker.io``) -> its mirrors.  The
+    #: registry itself is tried after them, and images keep their own name.
+    mirrors: dict[str, MirrorConfig] = attrs.field(factory=dict)
+    #: Hosts (``host[:port]``) that may be reached over plain HTTP.
+    insecure: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class ImageStoreConfig:
+    #: Layers fetched at once per pull.
+    max_concurrent_downloads: int = 3
+    #: A pull whose bytes stop flowing for this long fails.
+    stall_timeout: float = 60.0
+    #: Largest uncompressed layer accepted (decompression bombs); 0: no limit.
+    max_layer_bytes: int = 64 * 1024**3
+
+
+@attrs.frozen
 class Config:
     #: Persistent state: the database, content store, snapshots.
     root: Path = Path("/var/lib/pouch")
@@ -82,6 +112,8 @@ class Config:
     stream: StreamConfig = StreamConfig()
     log: LogConfig = LogConfig()
     cgroup: CgroupConfig = CgroupConfig()
+    image: ImageStoreConfig = ImageStoreConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @property
     def lock_path(self) -> Path:
@@ -96,6 +128,7 @@ def _converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _structure_float)
     conv.register_structure_hook(int, _structure_int)
     conv.register_structure_hook(str, _structure_str)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
     # Registered one by one: a StrEnum is also a str, and singledispatch
     # would otherwise pick the str hook for it.
     for cls in (LogLevel, LogFormat, CgroupDriver):
@@ -151,6 +184,12 @@ def _table_hook_factory(cls: type, conv: cattrs.Converter) -> Any:
     return hook
 
 
+def _structure_str_tuple(value: object, _: type) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
 _CONVERTER = _converter()
 
 
@@ -174,7 +213,7 @@ def _describe(exc: ClassValidationError) -> str:
         if isinstance(err, ForbiddenExtraKeysError):
             for key in sorted(err.extra_fields):
                 problems.append(f"unknown key {path}{key!s}")
-        elif isinstance(err, ClassValidationError):
+        elif isinstance(err, ClassValidationError | IterableValidationError):
             for sub in err.exceptions:
                 note = _note_of(sub)
                 walk(sub, f"{path}{note}." if note else path)
@@ -187,11 +226,15 @@ def _describe(exc: ClassValidationError) -> str:
 
 
 def _note_of(err: BaseException) -> str | None:
-    # cattrs records the attribute each sub-error belongs to as a note.
+    # cattrs records the attribute (or dict key, or list index) each
+    # sub-error belongs to as a note.
     for note in getattr(err, "__notes__", ()):
         name = getattr(note, "name", None)
         if isinstance(name, str):
             return name
+        index = getattr(note, "index", None)
+        if index is not None:
+            return f'"{index}"' if isinstance(index, str) else str(index)
     return None
 
 
@@ -243,13 +286,30 @@ def to_toml(config: Config) -> str:
     lines = [*top]
     for key, value in data.items():
         if isinstance(value, dict):
-            lines.append("")
-            lines.append(f"[{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+            _toml_table(lines, key, value)
     return "\n".join(lines) + "\n"
 
 
+def _toml_table(lines: list[str], name: str, table: dict[str, Any]) -> None:
+    lines.append("")
+    lines.append(f"[{name}]")
+    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+    lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in nested)
+    for key, value in nested.items():
+        if all(isinstance(v, dict) for v in value.values()):
+            for sub, subtable in value.items():
+                _toml_table(lines, f"{name}.{key}.{_toml_key(sub)}", subtable)
+        else:
+            _toml_table(lines, f"{name}.{key}", value)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("-", "").replace("_", "").isalnum() else _toml_value(key)
+
+
 def _toml_value(value: object) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
