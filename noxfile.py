@@ -143,7 +143,7 @@ def protos(session: nox.Session) -> None:
         "grpc_tools.protoc",
         f"-I{ROOT / 'protos'}",
         f"--python_betterproto_out={out}",
-        "runtime/v1/api.proto",
+        *sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto")),
         external=True,
         env=env,
     )

@@ -1,9 +1,8 @@
 """The daemon's core: what every RPC implementation is handed.
 
-It holds the configuration and the managers.  The foundation has no
-managers yet beyond the runtime facts below; the image, container and
-network managers join here as their issues land, each a nursery-shaped
-service that ``daemon.run`` starts in dependency order.
+It holds the configuration, the database and the managers, each a
+nursery-shaped service that ``daemon.run`` starts in dependency order
+(images first; containers and networking join as they land).
 """
 
 from __future__ import annotations
@@ -17,11 +16,15 @@ from pouch import __version__
 
 if TYPE_CHECKING:
     from pouch.config import Config
+    from pouch.image.manager import ImageManager
+    from pouch.store.db import Database
 
 
 @attrs.define
 class Core:
     config: Config
+    db: Database
+    images: ImageManager
     version: str = __version__
     #: Wall-clock start, in seconds since the epoch.
     started_at: float = attrs.field(factory=time.time)

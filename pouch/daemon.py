@@ -2,7 +2,7 @@
 
 ::
 
-    run(config)                      root nursery: the managers (none yet)
+    run(config)                      root nursery: the image manager (pulls)
     └── handlers nursery             in-flight stream sessions
         └── servers nursery
             ├── serve_cri            gRPC on the unix socket (trio_asyncio)
@@ -28,7 +28,10 @@ from pouch.core import Core
 from pouch.cri import service
 from pouch.cri._bridge import StartupError, bind_socket, serve_cri
 from pouch.cri._instrument import CallGate
+from pouch.image.manager import SCHEMA as IMAGE_SCHEMA
+from pouch.image.manager import ImageManager
 from pouch.log import get_logger
+from pouch.store.db import Database
 from pouch.stream.server import serve_streams
 
 if TYPE_CHECKING:
@@ -70,6 +73,15 @@ def acquire_lock(config: Config) -> int:
     return fd
 
 
+def open_core(config: Config) -> Core:
+    """Open the database and the stores, recovering what is on disk (blocking)."""
+    db = Database(config.root / "pouch.db")
+    db.open_sync(IMAGE_SCHEMA)
+    images = ImageManager(config, db)
+    images.open_sync()
+    return Core(config, db, images)
+
+
 async def run(
     config: Config, *, task_status: trio.TaskStatus[Endpoints] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -80,13 +92,14 @@ async def run(
     """
     lock_fd = acquire_lock(config)
     sock = None
+    core = None
     try:
         sock = bind_socket(config.grpc.address)
-        core = Core(config)
+        core = await trio.to_thread.run_sync(open_core, config)
         gate = CallGate()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as root:
-                # The managers start here, in dependency order, as they land.
+                await root.start(core.images.run)
                 stop = trio.Event()
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as servers:
@@ -120,4 +133,6 @@ async def run(
             sock.close()
             # serve_cri unlinks on its way out; this covers a crash before it ran.
             config.grpc.address.unlink(missing_ok=True)
+        if core is not None:
+            core.db.close()
         os.close(lock_fd)

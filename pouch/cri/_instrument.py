@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
 import trio
@@ -34,6 +34,29 @@ ERROR_TABLE: Final[dict[type[BaseException], Status]] = {
     errors.Unimplemented: Status.UNIMPLEMENTED,
     trio.TooSlowError: Status.DEADLINE_EXCEEDED,
 }
+
+
+def leaf_error(exc: BaseException) -> BaseException:
+    """The error to report for *exc*: nurseries wrap errors in groups.
+
+    The first leaf the error table knows wins (a pull whose three layer
+    downloads fail reports one of them); otherwise the first leaf.
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = list(_leaves(exc))
+    for leaf in leaves:
+        if status_for(leaf) is not None:
+            return leaf
+    return leaves[0] if leaves else exc
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def status_for(exc: BaseException) -> Status | None:
@@ -150,18 +173,22 @@ def instrument(
             with trio.fail_after(math.inf if remaining is None else remaining):
                 await _trigger(failpoint)
                 return await impl(request, *extra)
-        except GRPCError as exc:
-            code = exc.status
+        except GRPCError as grpc_error:
+            code = grpc_error.status
             raise
-        except Exception as exc:
-            status = status_for(exc)
+        except Exception as caught:
+            leaf = leaf_error(caught)
+            if isinstance(leaf, GRPCError):
+                code = leaf.status
+                raise leaf from caught
+            status = status_for(leaf)
             if status is None:
                 code = Status.UNKNOWN
-                log.error("rpc failed unexpectedly", rpc=rpc, **fields, exc_info=exc)
-                raise GRPCError(Status.UNKNOWN, f"{rpc}: internal error: {exc}") from exc
+                log.error("rpc failed unexpectedly", rpc=rpc, **fields, exc_info=caught)
+                raise GRPCError(Status.UNKNOWN, f"{rpc}: internal error: {leaf}") from caught
             code = status
-            message = "deadline exceeded" if isinstance(exc, trio.TooSlowError) else str(exc)
-            raise GRPCError(status, message) from exc
+            message = "deadline exceeded" if isinstance(leaf, trio.TooSlowError) else str(leaf)
+            raise GRPCError(status, message) from caught
         except trio.Cancelled:
             code = Status.CANCELLED
             raise

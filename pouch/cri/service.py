@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
-from pouch.cri import runtime
+from pouch.cri import image, runtime
 from pouch.cri._bridge import Servable, servable
 from pouch.cri._instrument import (
     FAILPOINTS_ENV,
@@ -38,6 +38,11 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "Version": runtime.version,
     "Status": runtime.status,
     "RuntimeConfig": runtime.runtime_config,
+    "PullImage": image.pull_image,
+    "ImageStatus": image.image_status,
+    "ListImages": image.list_images,
+    "RemoveImage": image.remove_image,
+    "ImageFsInfo": image.image_fs_info,
 }
 
 

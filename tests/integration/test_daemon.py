@@ -24,7 +24,16 @@ from tests.integration.conftest import POUCHD
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(60)]
 
 PROTO = Path(__file__).parents[2] / "protos" / "runtime" / "v1" / "api.proto"
-IMPLEMENTED = {"Version", "Status", "RuntimeConfig"}
+IMPLEMENTED = {
+    "Version",
+    "Status",
+    "RuntimeConfig",
+    "PullImage",
+    "ImageStatus",
+    "ListImages",
+    "RemoveImage",
+    "ImageFsInfo",
+}
 
 
 def all_rpcs() -> list[tuple[str, str, bool]]:

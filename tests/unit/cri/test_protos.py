@@ -89,7 +89,8 @@ def test_schema_is_wire_identical_to_reference(tmp_path, reference_fds):
 
 
 def test_generated_code_is_fresh(tmp_path):
-    _protoc(f"-I{PROTO_DIR}", f"--python_betterproto_out={tmp_path}", "runtime/v1/api.proto")
+    sources = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    _protoc(f"-I{PROTO_DIR}", f"--python_betterproto_out={tmp_path}", *sources)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py"))
     committed = sorted(p.relative_to(GENERATED) for p in GENERATED.rglob("*.py"))
     assert fresh == committed
