@@ -105,7 +105,7 @@ def ids_of(request: object) -> dict[str, str]:
         if isinstance(value, str) and value:
             found[name] = value
     image = getattr(request, "image", None)
-    ref = getattr(image, "image", None)
+    ref = image if isinstance(image, str) else getattr(image, "image", None)
     if isinstance(ref, str) and ref:
         found["image"] = ref
     return found

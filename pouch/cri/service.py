@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
-from pouch.cri import image, runtime
+from pouch.cri import extensions, image, runtime
 from pouch.cri._bridge import Servable, servable
 from pouch.cri._instrument import (
     FAILPOINTS_ENV,
@@ -57,12 +57,16 @@ def build(core: Core, gate: CallGate) -> list[Servable]:
     """The grpclib handler objects for both CRI services."""
     failpoints = parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
     result = []
-    for base in (pb.RuntimeServiceBase(), pb.ImageServiceBase()):
+    for base in (pb.RuntimeServiceBase(), pb.ImageServiceBase(), *extensions.extension_bases()):
         base_mapping = base.__mapping__()
         calls: dict[str, Impl] = {}
         for path in base_mapping:
             rpc = path.rsplit("/", 1)[-1]
-            impl = IMPLEMENTED.get(rpc) or _unimplemented(rpc)
+            impl = (
+                IMPLEMENTED.get(rpc)
+                or extensions.IMPLEMENTED_EXTENSIONS.get(rpc)
+                or _unimplemented(rpc)
+            )
             calls[path] = instrument(rpc, functools.partial(impl, core), gate, failpoints.get(rpc))
         result.append(servable(base_mapping, calls))
     return result

@@ -219,6 +219,9 @@ class ImageManager:
         if self._nursery is None:
             raise InvalidArgument("image manager is not running")
         key = (str(ref), creds)
+        if self._pulls.get(key) is None:
+            # Before the task runs, so a progress watcher never misses a fast pull.
+            self.progress.setdefault(str(ref), PullProgress(ref=str(ref)))
         op, started = self._pulls.start(self._nursery, key, lambda: self._pull(ref, creds))
         if not started:
             log.info("joining pull in progress", image=str(ref))
@@ -226,7 +229,7 @@ class ImageManager:
 
     async def _pull(self, ref: ImageRef, creds: Credentials | None) -> str:
         started = time.monotonic()
-        progress = self.progress[str(ref)] = PullProgress(ref=str(ref))
+        progress = self.progress.setdefault(str(ref), PullProgress(ref=str(ref)))
         try:
             resolved = await self._registry.resolve(ref, creds, self.platform)
             manifest = resolved.manifest
@@ -236,7 +239,7 @@ class ImageManager:
             with self._lease(blobs):
                 return await self._pull_resolved(ref, creds, resolved, blobs, progress, started)
         finally:
-            del self.progress[str(ref)]
+            self.progress.pop(str(ref), None)
 
     async def _pull_resolved(
         self,
