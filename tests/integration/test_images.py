@@ -434,3 +434,22 @@ def test_sigkill_mid_pull_then_restart_is_consistent(make_daemon, registry):
         assert listed(stub) == {}
         assert pull(stub, ref, timeout=120) == image.config.digest
         assert len(listed(stub)) == 1
+
+
+def test_uncompressed_and_zstd_layers(img, pd, registry):
+    import zstandard
+
+    plain = timg.LayerBuilder().file("data/plain.txt", "plain\n").build(compression="none")
+    raw = timg.LayerBuilder().file("data/zstd.txt", "zstd\n").build(compression="none")
+    packed = zstandard.ZstdCompressor().compress(raw.blob.read_bytes())
+    zstd = timg.Layer(
+        timg.Blob.of("application/vnd.oci.image.layer.v1.tar+zstd", packed), raw.diff_id
+    )
+    image = timg.build_image([timg.busybox_layer(), plain, zstd])
+    push(registry, "test/compressions", "v1", image)
+    image_id = pull(img, f"{registry.host}/test/compressions:v1")
+    chains = _chain_ids(pd, image_id)
+    top = pd.root / "snapshots" / chains[2].removeprefix("sha256:")
+    middle = pd.root / "snapshots" / chains[1].removeprefix("sha256:")
+    assert (top / "data" / "zstd.txt").read_text() == "zstd\n"
+    assert (middle / "data" / "plain.txt").read_text() == "plain\n"
