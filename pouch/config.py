@@ -101,6 +101,35 @@ class ImageStoreConfig:
 
 
 @attrs.frozen
+class RuntimeHandlerConfig:
+    #: A runc-compatible executable.
+    binary: Path
+    #: Its state directory (``--root``); default ``<state>/<handler name>``.
+    root: Path | None = None
+
+
+def _default_handlers() -> dict[str, RuntimeHandlerConfig]:
+    return {
+        "runc": RuntimeHandlerConfig(binary=Path("/usr/sbin/runc")),
+        "crun": RuntimeHandlerConfig(binary=Path("/usr/bin/crun")),
+    }
+
+
+@attrs.frozen
+class ContainerRuntimeConfig:
+    #: The handler used when the CRI names none (``runtime_handler = ""``).
+    default_handler: str = "runc"
+    #: CRI runtime handler name -> OCI runtime (containerd's ``runtimes``).
+    handlers: dict[str, RuntimeHandlerConfig] = attrs.field(factory=_default_handlers)
+    #: The per-container monitor.
+    conmon: Path = Path("/usr/bin/conmon")
+    #: The pod infra process, run from a minimal rootfs the daemon makes.
+    infra_binary: Path = Path("/usr/bin/catatonit")
+    #: The cgroup parent of pods whose config names none.
+    default_cgroup_parent: str = "/pouch"
+
+
+@attrs.frozen
 class Config:
     #: Persistent state: the database, content store, snapshots.
     root: Path = Path("/var/lib/pouch")
@@ -113,6 +142,7 @@ class Config:
     log: LogConfig = LogConfig()
     cgroup: CgroupConfig = CgroupConfig()
     image: ImageStoreConfig = ImageStoreConfig()
+    runtime: ContainerRuntimeConfig = ContainerRuntimeConfig()
     registry: RegistryConfig = RegistryConfig()
 
     @property
@@ -294,7 +324,10 @@ def _toml_table(lines: list[str], name: str, table: dict[str, Any]) -> None:
     lines.append("")
     lines.append(f"[{name}]")
     nested = {k: v for k, v in table.items() if isinstance(v, dict)}
-    lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in nested)
+    # TOML has no null: an unset optional key is left out (it keeps its default).
+    lines.extend(
+        f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in nested and v is not None
+    )
     for key, value in nested.items():
         if all(isinstance(v, dict) for v in value.values()):
             for sub, subtable in value.items():

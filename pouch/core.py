@@ -16,6 +16,7 @@ from pouch import __version__
 
 if TYPE_CHECKING:
     from pouch.config import Config
+    from pouch.container.manager import ContainerManager
     from pouch.image.manager import ImageManager
     from pouch.store.db import Database
 
@@ -25,6 +26,7 @@ class Core:
     config: Config
     db: Database
     images: ImageManager
+    containers: ContainerManager
     version: str = __version__
     #: Wall-clock start, in seconds since the epoch.
     started_at: float = attrs.field(factory=time.time)

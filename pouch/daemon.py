@@ -2,7 +2,8 @@
 
 ::
 
-    run(config)                      root nursery: the image manager (pulls)
+    run(config)                      root nursery: image manager (pulls), then the
+                                     container manager (one task per pod)
     └── handlers nursery             in-flight stream sessions
         └── servers nursery
             ├── serve_cri            gRPC on the unix socket (trio_asyncio)
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from pouch.container.manager import SCHEMA as CONTAINER_SCHEMA
+from pouch.container.manager import ContainerManager
 from pouch.core import Core
 from pouch.cri import service
 from pouch.cri._bridge import StartupError, bind_socket, serve_cri
@@ -76,10 +79,12 @@ def acquire_lock(config: Config) -> int:
 def open_core(config: Config) -> Core:
     """Open the database and the stores, recovering what is on disk (blocking)."""
     db = Database(config.root / "pouch.db")
-    db.open_sync(IMAGE_SCHEMA)
+    db.open_sync((*IMAGE_SCHEMA, *CONTAINER_SCHEMA))
     images = ImageManager(config, db)
     images.open_sync()
-    return Core(config, db, images)
+    containers = ContainerManager(config, db, images)
+    containers.open_sync()
+    return Core(config, db, images, containers)
 
 
 async def run(
@@ -100,6 +105,7 @@ async def run(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as root:
                 await root.start(core.images.run)
+                await root.start(core.containers.run)
                 stop = trio.Event()
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as servers:

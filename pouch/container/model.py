@@ -22,13 +22,14 @@ Conventions:
 from __future__ import annotations
 
 import enum
+
+# At run time, not under TYPE_CHECKING: the container manager persists these
+# classes with cattrs, which resolves the annotations.
+from collections.abc import Mapping  # noqa: TC003
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import attrs
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
 
 __all__ = [
     "RUNTIME_DEFAULT",

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
-from pouch.cri import extensions, image, runtime
+from pouch.cri import container, extensions, image, runtime, sandbox
 from pouch.cri._bridge import Servable, servable
 from pouch.cri._instrument import (
     FAILPOINTS_ENV,
@@ -43,6 +43,17 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "ListImages": image.list_images,
     "RemoveImage": image.remove_image,
     "ImageFsInfo": image.image_fs_info,
+    "RunPodSandbox": sandbox.run_pod_sandbox,
+    "StopPodSandbox": sandbox.stop_pod_sandbox,
+    "RemovePodSandbox": sandbox.remove_pod_sandbox,
+    "PodSandboxStatus": sandbox.pod_sandbox_status,
+    "ListPodSandbox": sandbox.list_pod_sandbox,
+    "CreateContainer": container.create_container,
+    "StartContainer": container.start_container,
+    "StopContainer": container.stop_container,
+    "RemoveContainer": container.remove_container,
+    "ContainerStatus": container.container_status,
+    "ListContainers": container.list_containers,
 }
 
 

@@ -1,0 +1,959 @@
+"""The container manager: pod sandboxes and their containers on runc + conmon.
+
+Supervision: the manager's nursery holds one `PodTask` per sandbox.  Every
+change to a pod (create, start, stop, remove a container; stop or remove the
+sandbox; a container's exit) passes through that pod's inbox in order, so
+two calls on one pod never race and different pods never wait on each
+other.  A caller whose deadline passes stops waiting; the work finishes in
+the pod task, and a kubelet retry of the same create receives its result.
+
+State: one SQLite row per sandbox and per container, holding the record as
+JSON.  A create writes its row (state ``creating``, which reserves the name)
+before it touches the system, and ``created`` after the runtime has the
+container; a daemon killed in between finds ``creating`` rows at start-up
+and removes what they may have left (runtime state, mounts, namespaces,
+directories), by the deterministic paths of the id.  conmon keeps running
+containers, their logs and exit codes while the daemon is away.
+
+::
+
+    sandbox:    creating -> ready -> notready -> (removed)
+    container:  creating -> created -> running -> exited -> (removed)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import secrets
+import shutil
+import signal as signals
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import attrs
+import cattrs
+import trio
+
+from pouch import errors
+from pouch._util import mount as mounts
+from pouch._util.inflight import InFlight, InFlightMap
+from pouch.container import spec as specs
+from pouch.container.model import ContainerConfig, NamespaceMode, PodConfig
+from pouch.container.monitor import ContainerMonitor, oom_killed, read_conmon_pid
+from pouch.container.runtime import Runtime, RuntimeHandler
+from pouch.image import media
+from pouch.log import get_logger
+from pouch.network import netns
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from pouch.config import Config
+    from pouch.image.manager import ImageManager
+    from pouch.store.db import Database
+
+log = get_logger("pouch.container")
+
+T = TypeVar("T")
+
+SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS sandboxes (
+        sandbox_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS containers (
+        container_id TEXT PRIMARY KEY,
+        sandbox_id TEXT NOT NULL,
+        name TEXT NOT NULL UNIQUE,
+        doc TEXT NOT NULL
+    )""",
+)
+
+#: How long StopPodSandbox gives containers (the kubelet stops them first).
+SANDBOX_STOP_TIMEOUT: Final = 0.0
+
+
+class SandboxState(enum.StrEnum):
+    CREATING = "creating"
+    READY = "ready"
+    NOTREADY = "notready"
+
+
+class ContainerState(enum.StrEnum):
+    CREATING = "creating"
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    UNKNOWN = "unknown"
+
+
+@attrs.define
+class Sandbox:
+    sandbox_id: str
+    name: str
+    config: PodConfig
+    handler: str
+    state: SandboxState
+    created_at: int
+    netns_path: str | None = None
+    infra_pid: int = 0
+    conmon_pid: int | None = None
+    spec: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class Container:
+    container_id: str
+    sandbox_id: str
+    name: str
+    config: ContainerConfig
+    image_id: str
+    image_ref: str
+    state: ContainerState
+    created_at: int
+    log_path: str = ""
+    chain_ids: tuple[str, ...] = ()
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    pid: int = 0
+    conmon_pid: int | None = None
+    stop_signal: str = "SIGTERM"
+    spec: dict[str, Any] = attrs.field(factory=dict)
+
+
+_codec = cattrs.Converter()
+
+
+def _dump(record: Sandbox | Container) -> str:
+    return json.dumps(_codec.unstructure(record), separators=(",", ":"))
+
+
+def sandbox_key(pod: PodConfig) -> str:
+    """The name a sandbox reserves (cri-o and containerd use the same shape)."""
+    m = pod.metadata
+    return f"{m.name}_{m.namespace}_{m.uid}_{m.attempt}"
+
+
+def container_key(pod: PodConfig, ctr: ContainerConfig) -> str:
+    m, p = ctr.metadata, pod.metadata
+    return f"{m.name}_{p.name}_{p.namespace}_{p.uid}_{m.attempt}"
+
+
+class PodTask:
+    """The task that owns one pod: its inbox runs commands one at a time."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        # Unbuffered: a sender waits until the pod task takes its command,
+        # which keeps a slow pod from piling up work.
+        self._send, self._recv = trio.open_memory_channel[
+            tuple[Callable[[], Awaitable[Any]], InFlight[Any]]
+        ](0)
+        self.watchers: trio.Nursery | None = None
+        self._scope = trio.CancelScope()
+        self.exited: dict[str, trio.Event] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._scope:
+            async with trio.open_nursery() as watchers:
+                self.watchers = watchers
+                task_status.started()
+                async with self._recv:
+                    async for fn, op in self._recv:
+                        await op.run(fn)
+                watchers.cancel_scope.cancel()
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run *fn* in the pod task and return its result.
+
+        Cancellation: once the pod task took the command it runs to the end;
+        the caller only stops waiting.
+        """
+        op: InFlight[T] = InFlight()
+        try:
+            await self._send.send((fn, op))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise errors.NotFound(f"pod sandbox {self.sandbox_id} not found") from None
+        return await op.result()
+
+    def post(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """Queue *fn* without waiting (container exits)."""
+        if self.watchers is not None:
+            self.watchers.start_soon(self._post, fn)
+
+    async def _post(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._send.send((fn, InFlight()))
+
+    def close(self) -> None:
+        self._send.close()
+        self._scope.cancel()
+
+
+class ContainerManager:
+    def __init__(self, config: Config, db: Database, images: ImageManager) -> None:
+        self._config = config
+        self._db = db
+        self._images = images
+        self.root = config.root
+        self.state_dir = config.state
+        self.exit_dir = config.state / "exits"
+        self.socket_dir = config.state / "attach"
+        self.infra_rootfs = config.root / "infra-rootfs"
+        self.monitor = ContainerMonitor(exit_dir=self.exit_dir, attach_socket_dir=self.socket_dir)
+        self.runtimes: dict[str, Runtime] = {}
+        for name, handler in config.runtime.handlers.items():
+            root = handler.root or (config.state / "runtime" / name)
+            rh = RuntimeHandler(
+                name=name,
+                binary=handler.binary,
+                root=root,
+                systemd_cgroup=config.cgroup.driver.value == "systemd",
+            )
+            self.runtimes[name] = Runtime(rh, attach_socket_dir=self.socket_dir)
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.containers: dict[str, Container] = {}
+        self._names: dict[str, str] = {}
+        self._pods: dict[str, PodTask] = {}
+        self._creates: InFlightMap[str, str] = InFlightMap()
+        self._nursery: trio.Nursery | None = None
+        self._oom_floor = specs.oom_score_adj_floor()
+        self._capabilities = specs.current_capabilities()
+        images.add_snapshot_user(self._chains_in_use)
+
+    # ---- start-up -------------------------------------------------------------------
+
+    def open_sync(self) -> None:
+        for d in (
+            self.exit_dir,
+            self.socket_dir,
+            self.state_dir / "containers",
+            self.state_dir / "sandboxes",
+            self.root / "containers",
+            self.root / "sandboxes",
+        ):
+            d.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self._make_infra_rootfs()
+        sandboxes, containers = self._db.run_sync(_load_rows)
+        for doc in sandboxes:
+            s = _codec.structure(json.loads(doc), Sandbox)
+            self.sandboxes[s.sandbox_id] = s
+            self._names[s.name] = s.sandbox_id
+        for doc in containers:
+            c = _codec.structure(json.loads(doc), Container)
+            self.containers[c.container_id] = c
+            self._names[c.name] = c.container_id
+
+    def _make_infra_rootfs(self) -> None:
+        # A rootfs of one static binary: pods start with no image and no network.
+        binary = self._config.runtime.infra_binary
+        target = self.infra_rootfs / "catatonit"
+        if target.exists() and target.stat().st_size == binary.stat().st_size:
+            return
+        tmp = self.root / f".infra-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o755)
+        for d in ("dev", "proc", "sys", "etc", "tmp"):
+            (tmp / d).mkdir(mode=0o755)
+        shutil.copy2(binary, tmp / "catatonit")
+        os.chmod(tmp / "catatonit", 0o755)
+        if self.infra_rootfs.exists():
+            shutil.rmtree(self.infra_rootfs)
+        os.rename(tmp, self.infra_rootfs)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._recover()
+            for sandbox_id in list(self.sandboxes):
+                await self._start_pod_task(sandbox_id)
+            for c in list(self.containers.values()):
+                if c.state in (ContainerState.RUNNING, ContainerState.CREATED):
+                    self._watch(c)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _recover(self) -> None:
+        """Make the records agree with the system after a restart or crash."""
+        known = set(self.sandboxes) | set(self.containers)
+        for name, runtime in self.runtimes.items():
+            if not runtime.handler.binary.exists():
+                continue
+            for st in await runtime.list():
+                cid = str(st.get("id", ""))
+                if cid and cid not in known:
+                    log.warning("removing container unknown to the database", id=cid, runtime=name)
+                    await self._runtime_cleanup(runtime, cid)
+        for c in list(self.containers.values()):
+            if c.state is ContainerState.CREATING:
+                log.warning("cleaning up half-created container", container_id=c.container_id)
+                await self._destroy_container(c)
+                continue
+            if c.state in (ContainerState.CREATED, ContainerState.RUNNING):
+                sandbox = self.sandboxes.get(c.sandbox_id)
+                runtime = self._runtime_for(sandbox.handler if sandbox else "")
+                state = await runtime.state(c.container_id)
+                code = self.monitor.read_exit_code(c.container_id)
+                if state is None or state.get("status") == "stopped" or code is not None:
+                    self._mark_exited(c, code if code is not None else 255, unknown=code is None)
+                    await self._save(c)
+        for s in list(self.sandboxes.values()):
+            if s.state is SandboxState.CREATING:
+                log.warning("cleaning up half-created sandbox", sandbox_id=s.sandbox_id)
+                await self._destroy_sandbox(s)
+                continue
+            if s.state is SandboxState.READY:
+                state = await self._runtime_for(s.handler).state(s.sandbox_id)
+                if state is None or state.get("status") != "running":
+                    s.state = SandboxState.NOTREADY
+                    await self._save(s)
+        # Namespaces and mounts of sandboxes that are gone.
+        live = {netns.name_for(s) for s in self.sandboxes}
+        for name in netns.list_names():
+            if name not in live:
+                await netns.remove(name)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _runtime_for(self, handler: str) -> Runtime:
+        name = handler or self._config.runtime.default_handler
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            raise errors.InvalidArgument(f'runtime_handler: unknown runtime handler "{handler}"')
+        return runtime
+
+    def _chains_in_use(self) -> Iterable[str]:
+        return {chain for c in self.containers.values() for chain in c.chain_ids}
+
+    async def _save(self, record: Sandbox | Container) -> None:
+        doc = _dump(record)
+        if isinstance(record, Sandbox):
+            await self._db.transaction(
+                lambda conn: conn.execute(
+                    "INSERT INTO sandboxes (sandbox_id, name, doc) VALUES (?, ?, ?)"
+                    " ON CONFLICT(sandbox_id) DO UPDATE SET doc=excluded.doc",
+                    (record.sandbox_id, record.name, doc),
+                )
+            )
+        else:
+            await self._db.transaction(
+                lambda conn: conn.execute(
+                    "INSERT INTO containers (container_id, sandbox_id, name, doc)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT(container_id) DO UPDATE SET doc=excluded.doc",
+                    (record.container_id, record.sandbox_id, record.name, doc),
+                )
+            )
+
+    async def _forget(self, record: Sandbox | Container) -> None:
+        if isinstance(record, Sandbox):
+            await self._db.transaction(
+                lambda conn: conn.execute(
+                    "DELETE FROM sandboxes WHERE sandbox_id = ?", (record.sandbox_id,)
+                )
+            )
+            self.sandboxes.pop(record.sandbox_id, None)
+        else:
+            await self._db.transaction(
+                lambda conn: conn.execute(
+                    "DELETE FROM containers WHERE container_id = ?", (record.container_id,)
+                )
+            )
+            self.containers.pop(record.container_id, None)
+        self._names.pop(record.name, None)
+
+    def _reserve(self, name: str, record_id: str, what: str) -> None:
+        owner = self._names.get(name)
+        if owner is not None:
+            raise errors.AlreadyExists(f'{what} name "{name}" is reserved for {owner[:12]}')
+        self._names[name] = record_id
+
+    async def _start_pod_task(self, sandbox_id: str) -> PodTask:
+        assert self._nursery is not None
+        pod = PodTask(sandbox_id)
+        await self._nursery.start(pod.run)
+        self._pods[sandbox_id] = pod
+        return pod
+
+    def _pod(self, sandbox_id: str) -> PodTask:
+        pod = self._pods.get(self.sandbox_id(sandbox_id))
+        if pod is None:
+            raise errors.NotFound(f"pod sandbox {sandbox_id} not found")
+        return pod
+
+    def sandbox_id(self, text: str) -> str:
+        """Resolve a full id or a unique prefix."""
+        return _resolve(text, self.sandboxes, "pod sandbox")
+
+    def container_id(self, text: str) -> str:
+        return _resolve(text, self.containers, "container")
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.root / "sandboxes" / sandbox_id
+
+    def sandbox_bundle(self, sandbox_id: str) -> Path:
+        return self.state_dir / "sandboxes" / sandbox_id
+
+    def container_dir(self, container_id: str) -> Path:
+        return self.root / "containers" / container_id
+
+    def container_bundle(self, container_id: str) -> Path:
+        return self.state_dir / "containers" / container_id
+
+    # ---- sandboxes ------------------------------------------------------------------------
+
+    async def run_pod_sandbox(self, pod: PodConfig, handler: str) -> str:
+        """Create and start a pod sandbox; return its id.
+
+        Raises:
+            InvalidArgument: unknown runtime handler.
+            AlreadyExists: the pod's name (name, namespace, uid, attempt) is taken.
+            RuntimeFailed: runc or conmon failed; nothing is left behind.
+
+        Cancellation: the sandbox is created all the same, and a retry with
+        the same metadata receives its id.
+        """
+        runtime = self._runtime_for(handler)
+        key = sandbox_key(pod)
+        running = self._creates.get(key)
+        if running is not None:
+            return await running.result()
+        existing = self._names.get(key)
+        if existing is not None:
+            s = self.sandboxes.get(existing)
+            if s is not None and s.state is SandboxState.READY and s.config == pod:
+                # A retry of a create whose caller gave up: same pod, same answer.
+                return existing
+            raise errors.AlreadyExists(f'pod sandbox name "{key}" is reserved for {existing[:12]}')
+        assert self._nursery is not None
+        return await self._creates.run(
+            self._nursery,
+            key,
+            lambda: self._run_pod_sandbox(pod, handler or runtime.handler.name, key),
+        )
+
+    async def _run_pod_sandbox(self, pod: PodConfig, handler: str, key: str) -> str:
+        runtime = self._runtime_for(handler)
+        sandbox_id = secrets.token_hex(32)
+        self._reserve(key, sandbox_id, "pod sandbox")
+        s = Sandbox(
+            sandbox_id=sandbox_id,
+            name=key,
+            config=pod,
+            handler=handler,
+            state=SandboxState.CREATING,
+            created_at=time.time_ns(),
+        )
+        self.sandboxes[sandbox_id] = s
+        try:
+            await self._save(s)
+            await self._create_sandbox(s, runtime)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(60):
+                await self._destroy_sandbox(s)
+            raise
+        await self._start_pod_task(sandbox_id)
+        log.info("pod sandbox ready", sandbox_id=sandbox_id, name=key)
+        return sandbox_id
+
+    async def _create_sandbox(self, s: Sandbox, runtime: Runtime) -> None:
+        pod = s.config
+        ns = pod.namespace_options
+        sdir = self.sandbox_dir(s.sandbox_id)
+        bundle = self.sandbox_bundle(s.sandbox_id)
+        sdir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        bundle.mkdir(parents=True, exist_ok=True, mode=0o711)
+        host_network = ns.network is NamespaceMode.NODE
+        await trio.to_thread.run_sync(_write_etc_files, sdir, pod, host_network)
+        if not host_network:
+            s.netns_path = str(await netns.create(netns.name_for(s.sandbox_id)))
+        shm_path: str | None = None
+        if ns.ipc is not NamespaceMode.NODE:
+            shm = bundle / "shm"
+            shm.mkdir(exist_ok=True, mode=0o755)
+            await trio.to_thread.run_sync(
+                mounts.mount,
+                "shm",
+                shm,
+                "tmpfs",
+                mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
+                "mode=1777,size=65536k",
+            )
+            shm_path = str(shm)
+        spec = specs.pod_spec(
+            pod,
+            sandbox_id=s.sandbox_id,
+            rootfs=self.infra_rootfs,
+            infra_argv=["/catatonit", "-P"],
+            netns_path=s.netns_path,
+            cgroups_path=self._cgroups_path(pod, s.sandbox_id),
+            oom_score_adj_floor=self._oom_floor,
+            shm_path=shm_path,
+            resolv_conf_path=str(sdir / "resolv.conf"),
+        )
+        s.spec = dict(spec)
+        await trio.Path(bundle / "config.json").write_text(json.dumps(spec))
+        s.infra_pid = await runtime.create(
+            s.sandbox_id,
+            bundle,
+            log_path=bundle / "infra.log",
+            exit_dir=self.exit_dir,
+            persist_dir=bundle,
+            stdin=False,
+            tty=False,
+        )
+        await runtime.start(s.sandbox_id)
+        s.conmon_pid = read_conmon_pid(bundle)
+        s.state = SandboxState.READY
+        await self._save(s)
+
+    def _cgroups_path(self, pod: PodConfig, record_id: str) -> str:
+        parent = pod.cgroup_parent or self._config.runtime.default_cgroup_parent
+        if self._config.cgroup.driver.value == "systemd":
+            return f"{parent or 'system.slice'}:pouch:{record_id}"
+        return f"{parent.rstrip('/')}/pouch-{record_id[:32]}"
+
+    async def _destroy_sandbox(self, s: Sandbox) -> None:
+        """Remove everything a sandbox may have; safe on partial state."""
+        runtime = self._runtime_for(s.handler)
+        await self._runtime_cleanup(runtime, s.sandbox_id)
+        bundle = self.sandbox_bundle(s.sandbox_id)
+        await trio.to_thread.run_sync(mounts.unmount, bundle / "shm")
+        await netns.remove(netns.name_for(s.sandbox_id))
+        await trio.to_thread.run_sync(_rmtree, bundle)
+        await trio.to_thread.run_sync(_rmtree, self.sandbox_dir(s.sandbox_id))
+        with contextlib.suppress(FileNotFoundError):
+            (self.exit_dir / s.sandbox_id).unlink()
+        await self._forget(s)
+
+    async def _runtime_cleanup(self, runtime: Runtime, record_id: str) -> None:
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(errors.RuntimeFailed):
+                await runtime.kill(record_id, signals.SIGKILL, all=True)
+            await runtime.delete(record_id, force=True)
+
+    async def stop_pod_sandbox(self, sandbox_id: str) -> None:
+        """Stop every container, then the infra process.  Idempotent."""
+        sandbox_id = self.sandbox_id(sandbox_id)
+        pod = self._pod(sandbox_id)
+        for c in [c for c in self.containers.values() if c.sandbox_id == sandbox_id]:
+            await self.stop_container(c.container_id, SANDBOX_STOP_TIMEOUT)
+        await pod.call(lambda: self._stop_infra(sandbox_id))
+
+    async def _stop_infra(self, sandbox_id: str) -> None:
+        s = self.sandboxes[sandbox_id]
+        if s.state is SandboxState.NOTREADY:
+            return
+        runtime = self._runtime_for(s.handler)
+        with contextlib.suppress(errors.RuntimeFailed):
+            await runtime.kill(sandbox_id, signals.SIGKILL, all=True)
+        with trio.move_on_after(10):
+            await self.monitor.wait_exit(sandbox_id, s.conmon_pid)
+        s.state = SandboxState.NOTREADY
+        await self._save(s)
+        log.info("pod sandbox stopped", sandbox_id=sandbox_id)
+
+    async def remove_pod_sandbox(self, sandbox_id: str) -> None:
+        """Remove the sandbox and its containers.  Idempotent (unknown id: success)."""
+        try:
+            sandbox_id = self.sandbox_id(sandbox_id)
+        except errors.NotFound:
+            return
+        pod = self._pod(sandbox_id)
+        for c in [c for c in self.containers.values() if c.sandbox_id == sandbox_id]:
+            await self.remove_container(c.container_id)
+
+        async def remove() -> None:
+            await self._stop_infra(sandbox_id)
+            await self._destroy_sandbox(self.sandboxes[sandbox_id])
+
+        await pod.call(remove)
+        pod.close()
+        self._pods.pop(sandbox_id, None)
+        log.info("pod sandbox removed", sandbox_id=sandbox_id)
+
+    # ---- containers -------------------------------------------------------------------------
+
+    async def create_container(self, sandbox_id: str, ctr: ContainerConfig) -> str:
+        """Create a container in a ready sandbox; return its id.
+
+        Raises:
+            NotFound: unknown sandbox, or the image is not present.
+            FailedPrecondition: the sandbox is not ready.
+            AlreadyExists: the container's name is taken.
+
+        Cancellation: the create finishes in the pod task; a retry with the
+        same name and config receives the same id.
+        """
+        sandbox_id = self.sandbox_id(sandbox_id)
+        pod = self._pod(sandbox_id)
+        s = self.sandboxes[sandbox_id]
+        key = container_key(s.config, ctr)
+        running = self._creates.get(key)
+        if running is not None:
+            return await running.result()
+        existing = self._names.get(key)
+        if existing is not None:
+            c = self.containers.get(existing)
+            if c is not None and c.config == ctr and c.state is ContainerState.CREATED:
+                return existing
+            raise errors.AlreadyExists(f'container name "{key}" is reserved for {existing[:12]}')
+        assert self._nursery is not None
+        return await self._creates.run(
+            self._nursery, key, lambda: pod.call(lambda: self._create_container(s, ctr, key))
+        )
+
+    async def _create_container(self, s: Sandbox, ctr: ContainerConfig, key: str) -> str:
+        if s.state is not SandboxState.READY:
+            raise errors.FailedPrecondition(
+                f"pod sandbox {s.sandbox_id[:12]} is not ready: cannot create containers in it"
+            )
+        image = self._images.get(ctr.image)
+        if image is None:
+            raise errors.NotFound(f'image "{ctr.image}" not found: pull it first')
+        image_config = media.parse_config(await self._images.config_of(image.image_id))
+        container_id = secrets.token_hex(32)
+        self._reserve(key, container_id, "container")
+        pod = s.config
+        log_path = ""
+        if pod.log_directory and ctr.log_path:
+            log_path = os.path.join(pod.log_directory, ctr.log_path)
+        c = Container(
+            container_id=container_id,
+            sandbox_id=s.sandbox_id,
+            name=key,
+            config=ctr,
+            image_id=image.image_id,
+            image_ref=ctr.image,
+            state=ContainerState.CREATING,
+            created_at=time.time_ns(),
+            log_path=log_path,
+            chain_ids=image.chain_ids,
+            stop_signal=specs.effective_stop_signal(ctr, image_config),
+        )
+        self.containers[container_id] = c
+        try:
+            await self._save(c)
+            await self._create_in_runtime(s, c, image_config)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(60):
+                await self._destroy_container(c)
+            raise
+        log.info("container created", container_id=container_id, name=key)
+        return container_id
+
+    async def _create_in_runtime(
+        self, s: Sandbox, c: Container, image_config: media.ImageConfig
+    ) -> None:
+        runtime = self._runtime_for(s.handler)
+        bundle = self.container_bundle(c.container_id)
+        cdir = self.container_dir(c.container_id)
+        rootfs = bundle / "rootfs"
+        for d in (bundle, rootfs, cdir / "upper", cdir / "work"):
+            d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        lower = ":".join(str(self._images.snapshots.path(chain)) for chain in reversed(c.chain_ids))
+        options = f"lowerdir={lower},upperdir={cdir / 'upper'},workdir={cdir / 'work'}"
+        await trio.to_thread.run_sync(mounts.mount, "overlay", rootfs, "overlay", 0, options)
+        passwd, group = await trio.to_thread.run_sync(specs.read_user_db, rootfs)
+        await trio.to_thread.run_sync(specs.prepare_mount_sources, c.config)
+        pod = s.config
+        ns = pod.namespace_options
+        infra = f"/proc/{s.infra_pid}/ns"
+        pod_namespaces: dict[str, str] = {}
+        if s.netns_path:
+            pod_namespaces["net"] = s.netns_path
+            pod_namespaces["uts"] = f"{infra}/uts"
+        if ns.ipc is not NamespaceMode.NODE:
+            pod_namespaces["ipc"] = f"{infra}/ipc"
+        if ns.pid is NamespaceMode.POD:
+            pod_namespaces["pid"] = f"{infra}/pid"
+        sdir = self.sandbox_dir(s.sandbox_id)
+        etc = {name: sdir / name for name in ("hosts", "resolv.conf", "hostname")}
+        shm = self.sandbox_bundle(s.sandbox_id) / "shm"
+        spec = specs.container_spec(
+            pod,
+            c.config,
+            image_config,
+            sandbox_id=s.sandbox_id,
+            rootfs=rootfs,
+            pod_namespaces=pod_namespaces,
+            etc_files={k: str(v) for k, v in etc.items() if v.exists()},
+            shm_path=str(shm) if ns.ipc is not NamespaceMode.NODE else None,
+            passwd=passwd,
+            group=group,
+            cgroups_path=self._cgroups_path(pod, c.container_id),
+            oom_score_adj_floor=self._oom_floor,
+            host_has_apparmor=False,
+            image_name=c.image_ref,
+            available_capabilities=self._capabilities,
+            mountinfo=await trio.Path("/proc/self/mountinfo").read_text(),
+        )
+        c.spec = dict(spec)
+        await trio.Path(bundle / "config.json").write_text(json.dumps(spec))
+        log_path = Path(c.log_path) if c.log_path else bundle / "container.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        c.pid = await runtime.create(
+            c.container_id,
+            bundle,
+            log_path=log_path,
+            exit_dir=self.exit_dir,
+            persist_dir=bundle,
+            stdin=c.config.stdin,
+            tty=c.config.tty,
+            stdin_once=c.config.stdin_once,
+        )
+        c.conmon_pid = read_conmon_pid(bundle)
+        c.state = ContainerState.CREATED
+        await self._save(c)
+
+    async def _destroy_container(self, c: Container) -> None:
+        s = self.sandboxes.get(c.sandbox_id)
+        runtime = self._runtime_for(s.handler if s else "")
+        await self._runtime_cleanup(runtime, c.container_id)
+        bundle = self.container_bundle(c.container_id)
+        await trio.to_thread.run_sync(mounts.unmount, bundle / "rootfs")
+        await trio.to_thread.run_sync(_rmtree, bundle)
+        await trio.to_thread.run_sync(_rmtree, self.container_dir(c.container_id))
+        with contextlib.suppress(FileNotFoundError):
+            (self.exit_dir / c.container_id).unlink()
+        await self._forget(c)
+
+    async def start_container(self, container_id: str) -> None:
+        """Start a created container.
+
+        Raises:
+            NotFound: unknown container.
+            FailedPrecondition: it is not in the created state.
+        """
+        container_id = self.container_id(container_id)
+        c = self.containers[container_id]
+        await self._pod(c.sandbox_id).call(lambda: self._start(c))
+
+    async def _start(self, c: Container) -> None:
+        if c.state is not ContainerState.CREATED:
+            raise errors.FailedPrecondition(
+                f"container {c.container_id[:12]} is {c.state.value}, not created: cannot start it"
+            )
+        s = self.sandboxes[c.sandbox_id]
+        if s.state is not SandboxState.READY:
+            raise errors.FailedPrecondition(f"pod sandbox {s.sandbox_id[:12]} is not ready")
+        await self._runtime_for(s.handler).start(c.container_id)
+        c.state = ContainerState.RUNNING
+        c.started_at = time.time_ns()
+        await self._save(c)
+        self._watch(c)
+        log.info("container started", container_id=c.container_id)
+
+    def _watch(self, c: Container) -> None:
+        pod = self._pods.get(c.sandbox_id)
+        if pod is None or pod.watchers is None:
+            return
+        event = pod.exited.setdefault(c.container_id, trio.Event())
+
+        async def watch() -> None:
+            code = await self.monitor.wait_exit(c.container_id, c.conmon_pid)
+            pod.post(lambda: self._on_exit(c, code, event))
+
+        pod.watchers.start_soon(watch)
+
+    async def _on_exit(self, c: Container, code: int, event: trio.Event) -> None:
+        if c.container_id in self.containers and c.state is not ContainerState.EXITED:
+            self._mark_exited(c, code)
+            await self._save(c)
+            log.info("container exited", container_id=c.container_id, exit_code=code)
+        event.set()
+
+    def _mark_exited(self, c: Container, code: int, *, unknown: bool = False) -> None:
+        c.state = ContainerState.EXITED
+        c.exit_code = code
+        c.finished_at = c.finished_at or time.time_ns()
+        if unknown:
+            c.reason, c.message = "Unknown", "the container's exit code was lost"
+        elif oom_killed(self.container_bundle(c.container_id)):
+            c.reason = "OOMKilled"
+        else:
+            c.reason = "Completed" if code == 0 else "Error"
+
+    async def stop_container(self, container_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Send the stop signal, wait *timeout* seconds, then SIGKILL.
+
+        Idempotent: an exited or unknown container is success (cri-api
+        StopContainer).
+        """
+        try:
+            container_id = self.container_id(container_id)
+        except errors.NotFound:
+            return
+        c = self.containers[container_id]
+        pod = self._pod(c.sandbox_id)
+        if c.state is not ContainerState.RUNNING:
+            if c.state is ContainerState.CREATED:
+                await pod.call(lambda: self._kill_created(c))
+            return
+        event = pod.exited.setdefault(container_id, trio.Event())
+        runtime = self._runtime_for(self.sandboxes[c.sandbox_id].handler)
+        if timeout > 0:
+            with contextlib.suppress(errors.RuntimeFailed):
+                await runtime.kill(container_id, _signal_number(c.stop_signal))
+            with trio.move_on_after(timeout):
+                await event.wait()
+        if not event.is_set():
+            with contextlib.suppress(errors.RuntimeFailed):
+                await runtime.kill(container_id, signals.SIGKILL, all=True)
+            with trio.move_on_after(30):
+                await event.wait()
+        log.info("container stopped", container_id=container_id)
+
+    async def _kill_created(self, c: Container) -> None:
+        # Never started: there is no process to signal; record it as exited.
+        runtime = self._runtime_for(self.sandboxes[c.sandbox_id].handler)
+        await self._runtime_cleanup(runtime, c.container_id)
+        self._mark_exited(c, 0)
+        c.reason = "Completed"
+        await self._save(c)
+
+    async def remove_container(self, container_id: str) -> None:
+        """Remove a container, killing it if needed.  Idempotent."""
+        try:
+            container_id = self.container_id(container_id)
+        except errors.NotFound:
+            return
+        c = self.containers[container_id]
+        if c.state is ContainerState.RUNNING:
+            await self.stop_container(container_id, 0)
+        pod = self._pods.get(c.sandbox_id)
+
+        async def remove() -> None:
+            if container_id in self.containers:
+                await self._destroy_container(c)
+                if pod is not None:
+                    pod.exited.pop(container_id, None)
+
+        if pod is not None:
+            await pod.call(remove)
+        else:
+            await remove()
+        log.info("container removed", container_id=container_id)
+        await self._images.collect_garbage()
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def list_sandboxes(
+        self,
+        *,
+        sandbox_id: str = "",
+        state: SandboxState | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Sandbox]:
+        out = []
+        for s in self.sandboxes.values():
+            if s.state is SandboxState.CREATING:
+                continue
+            if sandbox_id and not s.sandbox_id.startswith(sandbox_id):
+                continue
+            if state is not None and s.state is not state:
+                continue
+            if labels and any(s.config.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(s)
+        return sorted(out, key=lambda s: s.created_at)
+
+    def list_containers(
+        self,
+        *,
+        container_id: str = "",
+        sandbox_id: str = "",
+        state: ContainerState | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Container]:
+        out = []
+        for c in self.containers.values():
+            if c.state is ContainerState.CREATING:
+                continue
+            if container_id and not c.container_id.startswith(container_id):
+                continue
+            if sandbox_id and not c.sandbox_id.startswith(sandbox_id):
+                continue
+            if state is not None and c.state is not state:
+                continue
+            if labels and any(c.config.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(c)
+        return sorted(out, key=lambda c: c.created_at)
+
+    def sandbox(self, sandbox_id: str) -> Sandbox:
+        return self.sandboxes[self.sandbox_id(sandbox_id)]
+
+    def container(self, container_id: str) -> Container:
+        return self.containers[self.container_id(container_id)]
+
+
+def _resolve(text: str, records: Mapping[str, object], what: str) -> str:
+    if not text:
+        raise errors.InvalidArgument(f"{what.replace(' ', '_')}_id is required")
+    if text in records:
+        return text
+    matches = [i for i in records if i.startswith(text)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise errors.InvalidArgument(f'{what} id prefix "{text}" is ambiguous')
+    raise errors.NotFound(f'{what} "{text}" not found')
+
+
+def _signal_number(name: str) -> int:
+    name = name.upper()
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name.startswith("SIGRTMIN+"):
+        return signals.SIGRTMIN + int(name.removeprefix("SIGRTMIN+"))
+    if name.startswith("SIGRTMAX-"):
+        return signals.SIGRTMAX - int(name.removeprefix("SIGRTMAX-"))
+    try:
+        return int(signals.Signals[name])
+    except KeyError:
+        return signals.SIGTERM
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_etc_files(directory: Path, pod: PodConfig, host_network: bool) -> None:
+    """/etc/hosts, /etc/resolv.conf and /etc/hostname for the pod's containers."""
+    hostname = pod.hostname or (os.uname().nodename if host_network else pod.metadata.name)
+    if host_network:
+        shutil.copyfile("/etc/hosts", directory / "hosts")
+    else:
+        (directory / "hosts").write_text(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"127.0.1.1\t{hostname}\n"
+        )
+    (directory / "hostname").write_text(hostname + "\n")
+    if pod.dns is not None and (pod.dns.servers or pod.dns.searches or pod.dns.options):
+        lines = [f"nameserver {s}" for s in pod.dns.servers]
+        if pod.dns.searches:
+            lines.append("search " + " ".join(pod.dns.searches))
+        if pod.dns.options:
+            lines.append("options " + " ".join(pod.dns.options))
+        (directory / "resolv.conf").write_text("\n".join(lines) + "\n")
+    else:
+        try:
+            shutil.copyfile("/etc/resolv.conf", directory / "resolv.conf")
+        except FileNotFoundError:
+            (directory / "resolv.conf").write_text("")
+
+
+def _load_rows(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+    sandboxes = [row[0] for row in conn.execute("SELECT doc FROM sandboxes")]
+    containers = [row[0] for row in conn.execute("SELECT doc FROM containers")]
+    return sandboxes, containers
