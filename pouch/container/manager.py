@@ -41,6 +41,7 @@ import trio
 
 from pouch import errors
 from pouch._util import mount as mounts
+from pouch._util.failpoints import failpoint
 from pouch._util.inflight import InFlight, InFlightMap
 from pouch.container import spec as specs
 from pouch.container.model import ContainerConfig, NamespaceMode, PodConfig
@@ -500,6 +501,7 @@ class ContainerManager:
         )
         s.spec = dict(spec)
         await trio.Path(bundle / "config.json").write_text(json.dumps(spec))
+        await failpoint("sandbox.prepared")
         s.infra_pid = await runtime.create(
             s.sandbox_id,
             bundle,
@@ -509,6 +511,7 @@ class ContainerManager:
             stdin=False,
             tty=False,
         )
+        await failpoint("sandbox.created")
         await runtime.start(s.sandbox_id)
         s.conmon_pid = read_conmon_pid(bundle)
         s.state = SandboxState.READY
@@ -661,6 +664,7 @@ class ContainerManager:
         lower = ":".join(str(self._images.snapshots.path(chain)) for chain in reversed(c.chain_ids))
         options = f"lowerdir={lower},upperdir={cdir / 'upper'},workdir={cdir / 'work'}"
         await trio.to_thread.run_sync(mounts.mount, "overlay", rootfs, "overlay", 0, options)
+        await failpoint("container.mounted")
         passwd, group = await trio.to_thread.run_sync(specs.read_user_db, rootfs)
         await trio.to_thread.run_sync(specs.prepare_mount_sources, c.config)
         pod = s.config
@@ -710,6 +714,7 @@ class ContainerManager:
             stdin_once=c.config.stdin_once,
         )
         c.conmon_pid = read_conmon_pid(bundle)
+        await failpoint("container.created")
         c.state = ContainerState.CREATED
         await self._save(c)
 

@@ -19,6 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from pouch import errors
+from pouch._util import failpoints
 from pouch.log import get_logger
 
 log = get_logger("pouch.cri")
@@ -113,36 +114,6 @@ def ids_of(request: object) -> dict[str, str]:
 
 Impl = Callable[..., Awaitable[Any]]
 
-#: Test-only fault injection, as containerd's failpoints: ``POUCHD_FAILPOINTS=
-#: "Status=delay:2;Version=panic"`` delays a call or makes it raise an
-#: unexpected error.  Read once at start-up; empty in production.
-FAILPOINTS_ENV: Final = "POUCHD_FAILPOINTS"
-
-
-def parse_failpoints(spec: str) -> dict[str, tuple[str, float]]:
-    """Parse ``RPC=delay:SECONDS`` and ``RPC=panic`` items separated by ``;``."""
-    points: dict[str, tuple[str, float]] = {}
-    for item in filter(None, (part.strip() for part in spec.split(";"))):
-        rpc, _, action = item.partition("=")
-        kind, _, arg = action.partition(":")
-        if kind == "delay":
-            points[rpc] = ("delay", float(arg))
-        elif kind == "panic":
-            points[rpc] = ("panic", 0.0)
-        else:
-            raise ValueError(f"invalid failpoint {item!r}")
-    return points
-
-
-async def _trigger(point: tuple[str, float] | None) -> None:
-    if point is None:
-        return
-    kind, seconds = point
-    if kind == "delay":
-        await trio.sleep(seconds)
-    else:
-        raise RuntimeError("failpoint: injected panic")
-
 
 def instrument(
     rpc: str,
@@ -171,7 +142,7 @@ def instrument(
         try:
             gate.check()
             with trio.fail_after(math.inf if remaining is None else remaining):
-                await _trigger(failpoint)
+                await failpoints.trigger(rpc, failpoint)
                 return await impl(request, *extra)
         except GRPCError as grpc_error:
             code = grpc_error.status

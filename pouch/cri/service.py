@@ -9,20 +9,14 @@ their name.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
+from pouch._util import failpoints
 from pouch.cri import container, extensions, image, runtime, sandbox
 from pouch.cri._bridge import Servable, servable
-from pouch.cri._instrument import (
-    FAILPOINTS_ENV,
-    CallGate,
-    Impl,
-    instrument,
-    parse_failpoints,
-)
+from pouch.cri._instrument import CallGate, Impl, instrument
 from pouch.cri._pb.runtime import v1 as pb
 
 if TYPE_CHECKING:
@@ -66,7 +60,7 @@ def _unimplemented(rpc: str) -> CoreImpl:
 
 def build(core: Core, gate: CallGate) -> list[Servable]:
     """The grpclib handler objects for both CRI services."""
-    failpoints = parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
+    points = failpoints.points()
     result = []
     for base in (pb.RuntimeServiceBase(), pb.ImageServiceBase(), *extensions.extension_bases()):
         base_mapping = base.__mapping__()
@@ -78,6 +72,6 @@ def build(core: Core, gate: CallGate) -> list[Servable]:
                 or extensions.IMPLEMENTED_EXTENSIONS.get(rpc)
                 or _unimplemented(rpc)
             )
-            calls[path] = instrument(rpc, functools.partial(impl, core), gate, failpoints.get(rpc))
+            calls[path] = instrument(rpc, functools.partial(impl, core), gate, points.get(rpc))
         result.append(servable(base_mapping, calls))
     return result

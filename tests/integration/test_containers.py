@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
+import re
 import time
 import uuid
 from pathlib import Path
@@ -177,3 +175,283 @@ def test_exit_codes_and_completed(cri):
     assert (st.exit_code, st.reason) == (0, "Completed")
     st, _ = cri.run(["sh", "-c", "exit 7"], name="seven")
     assert (st.exit_code, st.reason) == (7, "Error")
+
+
+def sec_ctx(**kw) -> api_pb2.LinuxContainerConfig:
+    return api_pb2.LinuxContainerConfig(
+        security_context=api_pb2.LinuxContainerSecurityContext(**kw)
+    )
+
+
+def proc_status_field(log: str, field: str) -> str:
+    for line in log_lines(log):
+        if line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"{field} not in {log!r}")
+
+
+def test_user_and_groups(cri):
+    st, log = cri.run(
+        ["id"],
+        linux=sec_ctx(
+            run_as_user=api_pb2.Int64Value(value=1000),
+            run_as_group=api_pb2.Int64Value(value=1000),
+            supplemental_groups=[4242],
+        ),
+    )
+    assert st.exit_code == 0
+    out = log_lines(log)[0]
+    assert out.startswith("uid=1000(app) gid=1000(app)")
+    assert "4242" in out
+
+
+def test_username_from_image_passwd(cri):
+    _st, log = cri.run(["id", "-u"], linux=sec_ctx(run_as_username="app"))
+    assert log_lines(log) == ["1000"]
+
+
+def test_default_capabilities_no_new_privs_and_seccomp(cri):
+    _st, log = cri.run(
+        ["cat", "/proc/self/status"],
+        linux=sec_ctx(
+            no_new_privs=True,
+            seccomp=api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.RuntimeDefault),
+        ),
+    )
+    # containerd's default set: chown dac_override fowner fsetid kill setgid setuid
+    # setpcap net_bind_service net_raw sys_chroot mknod audit_write setfcap.
+    assert proc_status_field(log, "CapEff") == "00000000a80425fb"
+    assert proc_status_field(log, "NoNewPrivs") == "1"
+    assert proc_status_field(log, "Seccomp") == "2"
+
+
+def test_capabilities_add_drop_and_unconfined(cri):
+    _st, log = cri.run(
+        ["cat", "/proc/self/status"],
+        linux=sec_ctx(
+            capabilities=api_pb2.Capability(
+                add_capabilities=["NET_ADMIN"], drop_capabilities=["ALL"]
+            ),
+            seccomp=api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.Unconfined),
+        ),
+    )
+    assert proc_status_field(log, "CapEff") == f"{1 << 12:016x}"
+    assert proc_status_field(log, "Seccomp") == "0"
+
+
+def test_hostname_resolv_conf_env_and_workdir(cri):
+    pc = cri.pod_config("dnspod")
+    pc.dns_config.CopyFrom(
+        api_pb2.DNSConfig(
+            servers=["10.0.0.10"], searches=["svc.cluster.local"], options=["ndots:5"]
+        )
+    )
+    _st, log = cri.run(
+        ["sh", "-c", "hostname; cat /etc/resolv.conf; echo $GREETING; pwd"],
+        pod_config=pc,
+        envs=[api_pb2.KeyValue(key="GREETING", value="hi there")],
+        working_dir="/tmp",
+    )
+    assert log_lines(log) == [
+        "dnspod",
+        "nameserver 10.0.0.10",
+        "search svc.cluster.local",
+        "options ndots:5",
+        "hi there",
+        "/tmp",
+    ]
+
+
+def test_readonly_rootfs_masked_path_bind_mount_and_sysctl(cri, tmp_path):
+    host = tmp_path / "shared"
+    host.mkdir()
+    (host / "f.txt").write_text("from the host\n")
+    pc = cri.pod_config(sysctls={"kernel.shm_rmid_forced": "1"})
+    _st, log = cri.run(
+        [
+            "sh",
+            "-c",
+            "touch /x 2>/dev/null && echo wrote || echo readonly; "
+            "cat /data/f.txt; wc -c < /proc/timer_list; cat /proc/sys/kernel/shm_rmid_forced",
+        ],
+        pod_config=pc,
+        mounts=[api_pb2.Mount(container_path="/data", host_path=str(host), readonly=True)],
+        linux=sec_ctx(readonly_rootfs=True),
+    )
+    assert log_lines(log) == ["readonly", "from the host", "0", "1"]
+
+
+def test_log_format_and_long_line_split(cri):
+    _st, log = cri.run(
+        ["sh", "-c", "echo out; echo err >&2; yes a | head -c 40000 | tr -d '\n'; echo"]
+    )
+    lines = log.splitlines()
+    ts, stream, tag, text = lines[0].split(" ", 3)
+    assert (stream, tag, text) == ("stdout", "F", "out")
+    # RFC 3339 with nanoseconds, as the kubelet writes and reads it.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(Z|[+-]\d\d:\d\d)", ts), ts
+    assert any(line.split(" ", 3)[1:] == ["stderr", "F", "err"] for line in lines)
+    long = [line.split(" ", 3) for line in lines if "aaaa" in line]
+    assert len(long) >= 2
+    assert all(part[2] == "P" for part in long[:-1])
+    assert long[-1][2] == "F"
+    assert sum(len(part[3]) for part in long) == 20000
+
+
+def test_oom_killed(cri):
+    st, _ = cri.run(
+        ["sh", "-c", "dd if=/dev/zero of=/dev/null bs=64M count=1"],
+        linux=api_pb2.LinuxContainerConfig(
+            resources=api_pb2.LinuxContainerResources(memory_limit_in_bytes=16 * 1024 * 1024)
+        ),
+    )
+    assert st.exit_code == 137
+    assert st.reason == "OOMKilled"
+
+
+def test_stop_timeout_then_sigkill(cri):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"])
+    cri.start(cid)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=2), timeout=30)
+    elapsed = time.monotonic() - t0
+    assert 1.9 < elapsed < 10
+    st = cri.status(cid).status
+    assert st.exit_code == 137
+
+
+def test_bad_input(cri, pd):
+    rt = cri.rt
+    cases = [
+        (
+            lambda: rt.RunPodSandbox(
+                api_pb2.RunPodSandboxRequest(config=api_pb2.PodSandboxConfig()), timeout=10
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "config.metadata",
+        ),
+        (
+            lambda: rt.RunPodSandbox(
+                api_pb2.RunPodSandboxRequest(config=cri.pod_config(), runtime_handler="kata"),
+                timeout=10,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "runtime_handler",
+        ),
+        (
+            lambda: rt.PodSandboxStatus(
+                api_pb2.PodSandboxStatusRequest(pod_sandbox_id="f" * 64), timeout=10
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "f" * 12,
+        ),
+        (
+            lambda: rt.PodSandboxStatus(api_pb2.PodSandboxStatusRequest(), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "pod_sandbox_id",
+        ),
+        (
+            lambda: cri.create("e" * 64, cri.pod_config(), ["true"]),
+            grpc.StatusCode.NOT_FOUND,
+            "e" * 12,
+        ),
+        (
+            lambda: rt.StartContainer(
+                api_pb2.StartContainerRequest(container_id="d" * 64), timeout=10
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "d" * 12,
+        ),
+        (
+            lambda: rt.ContainerStatus(
+                api_pb2.ContainerStatusRequest(container_id="c" * 64), timeout=10
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "c" * 12,
+        ),
+    ]
+    for call, code, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code, (text, err.value.details())
+        assert text in err.value.details()
+    # Idempotent calls on unknown ids succeed.
+    rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id="f" * 64), timeout=10)
+    rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id="f" * 64), timeout=10)
+    rt.StopContainer(api_pb2.StopContainerRequest(container_id="c" * 64), timeout=10)
+    rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id="c" * 64), timeout=10)
+
+    sid, pc = cri.run_pod()
+    # Missing container metadata, unknown image.
+    with pytest.raises(grpc.RpcError) as err:
+        rt.CreateContainer(
+            api_pb2.CreateContainerRequest(pod_sandbox_id=sid, config=api_pb2.ContainerConfig()),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.metadata" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        rt.CreateContainer(
+            api_pb2.CreateContainerRequest(
+                pod_sandbox_id=sid,
+                config=api_pb2.ContainerConfig(
+                    metadata=api_pb2.ContainerMetadata(name="x"),
+                    image=api_pb2.ImageSpec(image="nothere:1"),
+                ),
+            ),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nothere" in err.value.details()
+    # Duplicate name.
+    cid = cri.create(sid, pc, ["sleep", "1000"], name="dup")
+    with pytest.raises(grpc.RpcError) as err:
+        cri.create(sid, pc, ["sleep", "1"], name="dup")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "dup" in err.value.details()
+    # Start twice.
+    cri.start(cid)
+    with pytest.raises(grpc.RpcError) as err:
+        cri.start(cid)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # A container in a stopped pod.
+    rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        cri.create(sid, pc, ["true"], name="late")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not ready" in err.value.details()
+
+
+def test_filters(cri):
+    sid1, pc1 = cri.run_pod(cri.pod_config("one"))
+    pc2 = cri.pod_config("two")
+    pc2.labels["app"] = "web"
+    sid2, pc2 = cri.run_pod(pc2)
+    c1 = cri.create(sid1, pc1, ["sleep", "1000"], labels={"tier": "a"})
+    c2 = cri.create(sid2, pc2, ["sleep", "1000"], labels={"tier": "b"})
+    cri.start(c2)
+
+    def ids(**f):
+        flt = api_pb2.ContainerFilter(**f)
+        return [
+            c.id
+            for c in cri.rt.ListContainers(
+                api_pb2.ListContainersRequest(filter=flt), timeout=10
+            ).containers
+        ]
+
+    assert ids(id=c1) == [c1]
+    assert ids(id=c1[:12]) == [c1]
+    assert ids(pod_sandbox_id=sid2) == [c2]
+    assert ids(state=api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_RUNNING)) == [c2]
+    assert ids(state=api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_CREATED)) == [c1]
+    assert ids(label_selector={"tier": "a"}) == [c1]
+    pods = cri.rt.ListPodSandbox(
+        api_pb2.ListPodSandboxRequest(
+            filter=api_pb2.PodSandboxFilter(label_selector={"app": "web"})
+        ),
+        timeout=10,
+    ).items
+    assert [p.id for p in pods] == [sid2]

@@ -8,11 +8,11 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from pouch import errors
+from pouch._util.failpoints import parse as parse_failpoints
 from pouch.cri._instrument import (
     CallGate,
     ids_of,
     instrument,
-    parse_failpoints,
     status_for,
 )
 from pouch.cri._pb.runtime import v1 as pb
