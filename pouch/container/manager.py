@@ -294,33 +294,46 @@ class ContainerManager:
                     log.warning("removing container unknown to the database", id=cid, runtime=name)
                     await self._runtime_cleanup(runtime, cid)
         for c in list(self.containers.values()):
-            if c.state is ContainerState.CREATING:
-                log.warning("cleaning up half-created container", container_id=c.container_id)
-                await self._destroy_container(c)
-                continue
-            if c.state in (ContainerState.CREATED, ContainerState.RUNNING):
-                sandbox = self.sandboxes.get(c.sandbox_id)
-                runtime = self._runtime_for(sandbox.handler if sandbox else "")
-                state = await runtime.state(c.container_id)
-                code = self.monitor.read_exit_code(c.container_id)
-                if state is None or state.get("status") == "stopped" or code is not None:
-                    self._mark_exited(c, code if code is not None else 255, unknown=code is None)
-                    await self._save(c)
+            try:
+                await self._recover_container(c)
+            except Exception as exc:
+                # One bad record must not keep the daemon from starting.
+                log.error("failed to recover container", container_id=c.container_id, exc_info=exc)
         for s in list(self.sandboxes.values()):
-            if s.state is SandboxState.CREATING:
-                log.warning("cleaning up half-created sandbox", sandbox_id=s.sandbox_id)
-                await self._destroy_sandbox(s)
-                continue
-            if s.state is SandboxState.READY:
-                state = await self._runtime_for(s.handler).state(s.sandbox_id)
-                if state is None or state.get("status") != "running":
-                    s.state = SandboxState.NOTREADY
-                    await self._save(s)
+            try:
+                await self._recover_sandbox(s)
+            except Exception as exc:
+                log.error("failed to recover sandbox", sandbox_id=s.sandbox_id, exc_info=exc)
         # Namespaces and mounts of sandboxes that are gone.
         live = {netns.name_for(s) for s in self.sandboxes}
         for name in netns.list_names():
             if name not in live:
                 await netns.remove(name)
+
+    async def _recover_container(self, c: Container) -> None:
+        if c.state is ContainerState.CREATING:
+            log.warning("cleaning up half-created container", container_id=c.container_id)
+            await self._destroy_container(c)
+            return
+        if c.state in (ContainerState.CREATED, ContainerState.RUNNING):
+            sandbox = self.sandboxes.get(c.sandbox_id)
+            runtime = self._runtime_for(sandbox.handler if sandbox else "")
+            state = await runtime.state(c.container_id)
+            code = self.monitor.read_exit_code(c.container_id)
+            if state is None or state.get("status") == "stopped" or code is not None:
+                self._mark_exited(c, code if code is not None else 255, unknown=code is None)
+                await self._save(c)
+
+    async def _recover_sandbox(self, s: Sandbox) -> None:
+        if s.state is SandboxState.CREATING:
+            log.warning("cleaning up half-created sandbox", sandbox_id=s.sandbox_id)
+            await self._destroy_sandbox(s)
+            return
+        if s.state is SandboxState.READY:
+            state = await self._runtime_for(s.handler).state(s.sandbox_id)
+            if state is None or state.get("status") != "running":
+                s.state = SandboxState.NOTREADY
+                await self._save(s)
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -538,7 +551,7 @@ class ContainerManager:
 
     async def _runtime_cleanup(self, runtime: Runtime, record_id: str) -> None:
         with trio.CancelScope(shield=True):
-            with contextlib.suppress(errors.RuntimeFailed):
+            with contextlib.suppress(errors.RuntimeFailed, errors.NotFound):
                 await runtime.kill(record_id, signals.SIGKILL, all=True)
             await runtime.delete(record_id, force=True)
 
@@ -555,7 +568,7 @@ class ContainerManager:
         if s.state is SandboxState.NOTREADY:
             return
         runtime = self._runtime_for(s.handler)
-        with contextlib.suppress(errors.RuntimeFailed):
+        with contextlib.suppress(errors.RuntimeFailed, errors.NotFound):
             await runtime.kill(sandbox_id, signals.SIGKILL, all=True)
         with trio.move_on_after(10):
             await self.monitor.wait_exit(sandbox_id, s.conmon_pid)
@@ -805,12 +818,12 @@ class ContainerManager:
         event = pod.exited.setdefault(container_id, trio.Event())
         runtime = self._runtime_for(self.sandboxes[c.sandbox_id].handler)
         if timeout > 0:
-            with contextlib.suppress(errors.RuntimeFailed):
+            with contextlib.suppress(errors.RuntimeFailed, errors.NotFound):
                 await runtime.kill(container_id, _signal_number(c.stop_signal))
             with trio.move_on_after(timeout):
                 await event.wait()
         if not event.is_set():
-            with contextlib.suppress(errors.RuntimeFailed):
+            with contextlib.suppress(errors.RuntimeFailed, errors.NotFound):
                 await runtime.kill(container_id, signals.SIGKILL, all=True)
             with trio.move_on_after(30):
                 await event.wait()

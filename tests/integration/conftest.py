@@ -101,6 +101,17 @@ class Daemon:
             self.proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def registry():
+    """A real registry on loopback holding busybox as library/busybox:latest."""
+    from tests.support import images as timg
+    from tests.support.registry import Registry, push
+
+    with Registry() as r:
+        push(r, "library/busybox", "latest", timg.busybox_image())
+        yield r
+
+
 @pytest.fixture
 def daemon_dir() -> Iterator[Path]:
     # Short paths: a unix socket path must fit in 108 bytes.

@@ -11,17 +11,7 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
-from tests.support import images as timg
-from tests.support.registry import Registry, push
-
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def registry():
-    with Registry() as r:
-        push(r, "library/busybox", "latest", timg.busybox_image())
-        yield r
 
 
 @pytest.fixture
