@@ -75,6 +75,27 @@ def ensure_system_packages(session: nox.Session, packages: list[str]) -> None:
         )
 
 
+def prepare_host(session: nox.Session) -> None:
+    """Make a hybrid cgroup layout usable by crun.
+
+    On a cgroup v1 host with the unified (v2) hierarchy mounted beside it,
+    a controller left on the v2 side (hugetlb, typically) makes crun 1.8
+    refuse to run anything ("cgroups in hybrid mode not supported").  Binding
+    that controller to a v1 hierarchy, as systemd does on most hybrid hosts,
+    leaves v2 without controllers, which both runc and crun accept.
+    """
+    unified = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+    if not unified.exists() or os.geteuid() != 0:
+        return
+    for controller in unified.read_text().split():
+        target = Path("/sys/fs/cgroup") / controller
+        if target.is_mount():
+            continue
+        session.log(f"binding cgroup controller {controller} to a v1 hierarchy for crun")
+        target.mkdir(exist_ok=True)
+        session.run("mount", "-t", "cgroup", "-o", controller, "cgroup", str(target), external=True)
+
+
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
     _install(session, "lint")
@@ -116,6 +137,7 @@ def _lint(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Install everything, then lint and run the whole suite against real components."""
     ensure_system_packages(session, RUNTIME_PACKAGES + TEST_PACKAGES)
+    prepare_host(session)
     _install(session, "test", "lint", "bench")
     _lint(session)
     session.run(_venv_bin("pytest"), *(session.posargs or ["tests"]), external=True)
@@ -125,6 +147,7 @@ def tests(session: nox.Session) -> None:
 def serve(session: nox.Session) -> None:
     """Install everything and run pouchd in the foreground with the default config."""
     ensure_system_packages(session, RUNTIME_PACKAGES)
+    prepare_host(session)
     _install(session)
     session.run(_venv_bin("pouchd"), *session.posargs, external=True)
 

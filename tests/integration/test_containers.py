@@ -445,3 +445,38 @@ def test_filters(cri):
         timeout=10,
     ).items
     assert [p.id for p in pods] == [sid2]
+
+
+@pytest.mark.parametrize("handler", ["runc", "crun"])
+def test_runtime_handlers(cri, handler):
+    sid, pc = cri.run_pod(handler=handler)
+    status = cri.rt.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10
+    ).status
+    assert status.runtime_handler == handler
+    cid = cri.create(sid, pc, ["sh", "-c", "echo from $0; exit 5", handler])
+    cri.start(cid)
+    st = cri.wait_exited(cid)
+    assert st.exit_code == 5
+    assert log_lines(Path(st.log_path).read_text()) == [f"from {handler}"]
+
+
+def test_fifty_pods_with_one_container_each(cri):
+    started = time.monotonic()
+    ids = []
+    for i in range(50):
+        sid, pc = cri.run_pod(cri.pod_config(f"many-{i}"))
+        cid = cri.create(sid, pc, ["sleep", "1000"])
+        cri.start(cid)
+        ids.append(cid)
+    running = cri.rt.ListContainers(
+        api_pb2.ListContainersRequest(
+            filter=api_pb2.ContainerFilter(
+                state=api_pb2.ContainerStateValue(state=api_pb2.CONTAINER_RUNNING)
+            )
+        ),
+        timeout=30,
+    ).containers
+    assert sorted(c.id for c in running) == sorted(ids)
+    assert len(cri.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items) == 50
+    print(f"50 pods + containers up in {time.monotonic() - started:.1f}s")
