@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -480,3 +481,84 @@ def test_fifty_pods_with_one_container_each(cri):
     assert sorted(c.id for c in running) == sorted(ids)
     assert len(cri.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items) == 50
     print(f"50 pods + containers up in {time.monotonic() - started:.1f}s")
+
+
+def test_verbose_status_has_pid_and_spec(cri):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"])
+    cri.start(cid)
+    info = json.loads(cri.status(cid, verbose=True).info["info"])
+    assert info["sandboxID"] == sid
+    assert info["pid"] > 0
+    assert Path(f"/proc/{info['pid']}").exists()
+    assert info["runtimeSpec"]["process"]["args"] == ["sleep", "1000"]
+    pod_info = json.loads(
+        cri.rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True), timeout=10
+        ).info["info"]
+    )
+    assert pod_info["pid"] > 0
+    assert pod_info["runtimeSpec"]["process"]["args"] == ["/catatonit", "-P"]
+    assert pod_info["netNamespacePath"] == f"/run/netns/pouch-{sid[:16]}"
+
+
+def test_device_is_created_in_the_container(cri):
+    _st, log = cri.run(
+        ["sh", "-c", "ls -l /dev/mynull; echo x > /dev/mynull && echo ok"],
+        devices=[
+            api_pb2.Device(container_path="/dev/mynull", host_path="/dev/null", permissions="rwm")
+        ],
+    )
+    out = log_lines(log)
+    assert out[0].startswith("crw")
+    assert "1,   3" in out[0] or "1, 3" in out[0]
+    assert out[1] == "ok"
+
+
+def test_image_in_use_keeps_its_layers_until_the_container_is_gone(cri, pd):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"])
+    image_id = cri.status(cid).status.image_id
+    cri.img.RemoveImage(
+        api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=image_id)), timeout=30
+    )
+    assert not cri.img.ImageStatus(
+        api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=image_id)), timeout=10
+    ).HasField("image")
+    # The container still starts: its layers stayed.
+    cri.start(cid)
+    assert cri.status(cid).status.state == api_pb2.CONTAINER_RUNNING
+    assert [p for p in (pd.root / "snapshots").iterdir() if not p.name.startswith(".")]
+    cri.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=30)
+    assert [p for p in (pd.root / "snapshots").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_create_whose_caller_gave_up_is_parked_for_the_retry(make_daemon, registry):
+    d = make_daemon(
+        config=f'[registry]\ninsecure = ["{registry.host}"]\n',
+        env={"POUCHD_FAILPOINTS": "container.created=delay:2;sandbox.created=delay:2"},
+    ).start()
+    cri = Client(d, registry)
+    cri.pull()
+    pc = cri.pod_config("parked")
+    with pytest.raises(grpc.RpcError) as err:
+        cri.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pc), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The kubelet retries with the same metadata: it gets the sandbox, not "name reserved".
+    sid = cri.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=pc), timeout=30).pod_sandbox_id
+    cri.pods.append(sid)
+    assert len(cri.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items) == 1
+    config = api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="slow"),
+        image=api_pb2.ImageSpec(image=cri.image),
+        command=["sleep", "1000"],
+    )
+    req = api_pb2.CreateContainerRequest(pod_sandbox_id=sid, config=config, sandbox_config=pc)
+    with pytest.raises(grpc.RpcError) as err:
+        cri.rt.CreateContainer(req, timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    cid = cri.rt.CreateContainer(req, timeout=30).container_id
+    again = cri.rt.CreateContainer(req, timeout=30).container_id
+    assert again == cid
+    assert len(cri.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers) == 1
+    cri.cleanup()
