@@ -40,6 +40,10 @@ class ResourceExhausted(PouchError):
     """A configured limit was reached."""
 
 
+class DeadlineExceeded(PouchError):
+    """An operation with its own time budget ran out of it (ExecSync's timeout)."""
+
+
 class Unimplemented(PouchError):
     """The call is part of the API but not (yet) served."""
 

@@ -31,7 +31,7 @@ import secrets
 import shutil
 import signal as signals
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -46,7 +46,7 @@ from pouch._util.inflight import InFlight, InFlightMap
 from pouch.container import spec as specs
 from pouch.container.model import ContainerConfig, NamespaceMode, PodConfig
 from pouch.container.monitor import ContainerMonitor, oom_killed, read_conmon_pid
-from pouch.container.runtime import Runtime, RuntimeHandler
+from pouch.container.runtime import ExecResult, Runtime, RuntimeHandler
 from pouch.image import media
 from pouch.log import get_logger
 from pouch.network import netns
@@ -78,6 +78,8 @@ SCHEMA: Final = (
 
 #: How long StopPodSandbox gives containers (the kubelet stops them first).
 SANDBOX_STOP_TIMEOUT: Final = 0.0
+#: ExecSync output kept per stream: cri-o's cap after CVE-2022-1708.
+EXEC_OUTPUT_LIMIT: Final = 16 * 1024 * 1024
 
 
 class SandboxState(enum.StrEnum):
@@ -229,6 +231,7 @@ class ContainerManager:
         self._nursery: trio.Nursery | None = None
         self._oom_floor = specs.oom_score_adj_floor()
         self._capabilities = specs.current_capabilities()
+        self._apparmor = _host_has_apparmor()
         images.add_snapshot_user(self._chains_in_use)
 
     # ---- start-up -------------------------------------------------------------------
@@ -707,7 +710,7 @@ class ContainerManager:
             group=group,
             cgroups_path=self._cgroups_path(pod, c.container_id),
             oom_score_adj_floor=self._oom_floor,
-            host_has_apparmor=False,
+            host_has_apparmor=self._apparmor,
             image_name=c.image_ref,
             available_capabilities=self._capabilities,
             mountinfo=await trio.Path("/proc/self/mountinfo").read_text(),
@@ -861,6 +864,38 @@ class ContainerManager:
         log.info("container removed", container_id=container_id)
         await self._images.collect_garbage()
 
+    async def exec_sync(
+        self,
+        container_id: str,
+        argv: Sequence[str],
+        timeout: float,  # noqa: ASYNC109
+    ) -> ExecResult:
+        """Run a command in a running container; output capped per stream.
+
+        Raises:
+            NotFound: unknown container.
+            FailedPrecondition: it is not running.
+            DeadlineExceeded: *timeout* (> 0) expired; the command's whole
+                process tree was killed.
+        """
+        c = self.container(container_id)
+        if c.state is not ContainerState.RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {c.container_id[:12]} is {c.state.value}, not running"
+            )
+        if not argv:
+            raise errors.InvalidArgument("cmd is required")
+        runtime = self._runtime_for(self.sandboxes[c.sandbox_id].handler)
+        result = await runtime.exec_sync(
+            c.container_id, argv, timeout=timeout or None, max_output=EXEC_OUTPUT_LIMIT
+        )
+        if result.timed_out:
+            raise errors.DeadlineExceeded(
+                f"command {list(argv)!r} in container {c.container_id[:12]} timed out "
+                f"after {timeout:g}s and was killed"
+            )
+        return result
+
     # ---- queries ---------------------------------------------------------------------------
 
     def list_sandboxes(
@@ -940,6 +975,13 @@ def _signal_number(name: str) -> int:
         return int(signals.Signals[name])
     except KeyError:
         return signals.SIGTERM
+
+
+def _host_has_apparmor() -> bool:
+    try:
+        return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
+    except OSError:
+        return False
 
 
 def _rmtree(path: Path) -> None:

@@ -33,6 +33,7 @@ ERROR_TABLE: Final[dict[type[BaseException], Status]] = {
     errors.Unavailable: Status.UNAVAILABLE,
     errors.ResourceExhausted: Status.RESOURCE_EXHAUSTED,
     errors.Unimplemented: Status.UNIMPLEMENTED,
+    errors.DeadlineExceeded: Status.DEADLINE_EXCEEDED,
     trio.TooSlowError: Status.DEADLINE_EXCEEDED,
 }
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
 from pouch._util import failpoints
-from pouch.cri import container, extensions, image, runtime, sandbox
+from pouch.cri import container, exec, extensions, image, runtime, sandbox
 from pouch.cri._bridge import Servable, servable
 from pouch.cri._instrument import CallGate, Impl, instrument
 from pouch.cri._pb.runtime import v1 as pb
@@ -48,6 +48,7 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "RemoveContainer": container.remove_container,
     "ContainerStatus": container.container_status,
     "ListContainers": container.list_containers,
+    "ExecSync": exec.exec_sync,
 }
 
 

@@ -562,3 +562,48 @@ def test_create_whose_caller_gave_up_is_parked_for_the_retry(make_daemon, regist
     assert again == cid
     assert len(cri.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers) == 1
     cri.cleanup()
+
+
+def test_exec_sync(cri):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"])
+    cri.start(cid)
+
+    def exec_sync(cmd, timeout=0):
+        return cri.rt.ExecSync(
+            api_pb2.ExecSyncRequest(container_id=cid, cmd=cmd, timeout=timeout), timeout=60
+        )
+
+    r = exec_sync(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.stdout, r.stderr, r.exit_code) == (b"out\n", b"err\n", 3)
+    # A timeout kills the whole process tree and returns promptly.
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        exec_sync(["sh", "-c", "sleep 1000 & sleep 1000"], timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - t0 < 5
+    ps = exec_sync(["ps", "-o", "args"]).stdout.decode()
+    assert "sleep 1000 &" not in ps
+    assert ps.count("sleep 1000") == 1  # only the container's own process
+    # Output is capped at 16 MiB per stream, and the cut is stated.  (The reply
+    # is then over grpc's default 4 MiB, and kubelet's 16 MiB, receive limit.)
+    big = grpc.insecure_channel(
+        f"unix://{cri.daemon.socket}", options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    r = api_pb2_grpc.RuntimeServiceStub(big).ExecSync(
+        api_pb2.ExecSyncRequest(
+            container_id=cid, cmd=["sh", "-c", "head -c 20000000 /dev/zero; echo e >&2"]
+        ),
+        timeout=60,
+    )
+    big.close()
+    assert len(r.stdout) == 16 * 1024 * 1024
+    assert b"truncated" in r.stderr
+    # Not running: FAILED_PRECONDITION; unknown: NOT_FOUND.
+    cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=1), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        exec_sync(["true"])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        cri.rt.ExecSync(api_pb2.ExecSyncRequest(container_id="a" * 64, cmd=["true"]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
