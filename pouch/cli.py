@@ -1,18 +1,25 @@
 """Command lines: ``pouchd`` (the daemon) and ``pouch`` (the client).
 
 ``pouch`` talks to a running pouchd over its socket: the CRI for listing,
-inspecting and removing images and for the version, and pouch's own API
-(``protos/pouch/v1``) for pulls with progress and for loading archives.
+inspecting and removing images, for listing and inspecting pods and
+containers and for the version, and pouch's own API (``protos/pouch/v1``)
+for pulls with progress and for loading archives.  ``pouch logs`` reads the
+container's log file itself, as crictl does: it runs on the node, as root.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import json
 import os
+import re
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 import click
 from rich.console import Console
@@ -37,10 +44,13 @@ from pouch.config import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Iterable, Sequence
     from types import TracebackType
 
+    import betterproto
+
     from pouch.cri._pb.pouch.v1 import PullProgress
-    from pouch.cri._pb.runtime.v1 import Image
+    from pouch.cri._pb.runtime.v1 import Container, Image, PodSandbox
     from pouch.cri.client import Client
 
 
@@ -153,6 +163,387 @@ def image_row(image: Image) -> tuple[str, str, str, str]:
     return repo, tag, short_id(image.id), human_size(image.size)
 
 
+# ---- pods and containers: formats ------------------------------------------------------
+
+#: How many characters of a pod or container id a table shows (crictl's width).
+TRUNCATED_ID_LEN: Final = 13
+
+#: The STATE column of ``pouch pods`` and ``pouch ps``, by CRI enum name (crictl's words).
+POD_STATES: Final = {"SANDBOX_READY": "Ready", "SANDBOX_NOTREADY": "NotReady"}
+CONTAINER_STATES: Final = {
+    "CONTAINER_CREATED": "Created",
+    "CONTAINER_RUNNING": "Running",
+    "CONTAINER_EXITED": "Exited",
+    "CONTAINER_UNKNOWN": "Unknown",
+}
+
+_DIGEST: Final = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}")
+
+
+def truncate_id(id_: str) -> str:
+    """A pod or container id as a table shows it: its first 13 characters."""
+    return id_[:TRUNCATED_ID_LEN]
+
+
+def human_duration(seconds: float) -> str:
+    """A duration in words: ``2 minutes``, ``About an hour``, ``3 days``.
+
+    go-units ``HumanDuration``, which crictl and docker show as ``... ago``.
+    """
+    whole = int(seconds)
+    if whole < 1:
+        return "Less than a second"
+    if whole == 1:
+        return "1 second"
+    if whole < 60:
+        return f"{whole} seconds"
+    minutes = whole // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = round(seconds / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds // 3600) // 24 // 365} years"
+
+
+def created_ago(created_at: int, now: float) -> str:
+    """``2 minutes ago``: *created_at* in nanoseconds since the epoch, *now* in seconds."""
+    return f"{human_duration(now - created_at / 1e9)} ago"
+
+
+def _state_word(state: object, words: dict[str, str]) -> str:
+    # By name: an enum value this client does not know reads as Unknown, not a crash.
+    return words.get(getattr(state, "name", None) or "", "Unknown")
+
+
+def image_column(container: Container) -> str:
+    """The IMAGE of ``pouch ps``: the name asked for, or a short id if that was an id."""
+    image = container.image.image if container.image is not None else ""
+    image = image or container.image_ref
+    if _DIGEST.fullmatch(image):
+        return truncate_id(image.partition(":")[2])
+    return image
+
+
+def pod_row(pod: PodSandbox, now: float) -> tuple[str, ...]:
+    """POD ID, CREATED, STATE, NAME, NAMESPACE, ATTEMPT and RUNTIME of ``pouch pods``."""
+    meta = pod.metadata
+    return (
+        truncate_id(pod.id),
+        created_ago(pod.created_at, now),
+        _state_word(pod.state, POD_STATES),
+        meta.name if meta is not None else "",
+        meta.namespace if meta is not None else "",
+        str(meta.attempt if meta is not None else 0),
+        pod.runtime_handler or "(default)",
+    )
+
+
+def container_row(container: Container, now: float) -> tuple[str, ...]:
+    """CONTAINER, IMAGE, CREATED, STATE, NAME, ATTEMPT and POD ID of ``pouch ps``."""
+    meta = container.metadata
+    return (
+        truncate_id(container.id),
+        image_column(container),
+        created_ago(container.created_at, now),
+        _state_word(container.state, CONTAINER_STATES),
+        meta.name if meta is not None else "",
+        str(meta.attempt if meta is not None else 0),
+        truncate_id(container.pod_sandbox_id),
+    )
+
+
+def resolve_id(text: str, ids: Iterable[str], what: str) -> str | None:
+    """The one id of *ids* that is *text* or begins with it; None if none does.
+
+    Raises:
+        PouchError: *text* is empty, or the prefix of several ids.
+    """
+    if not text:
+        raise PouchError(f"an empty {what} id")
+    matches = [i for i in ids if i.startswith(text)]
+    if text in matches:
+        return text
+    if len(matches) > 1:
+        raise PouchError(f'{what} id prefix "{text}" is ambiguous')
+    return matches[0] if matches else None
+
+
+def _json_or_text(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def status_document(status: betterproto.Message, info: dict[str, str]) -> dict[str, object]:
+    """``pouch inspect``'s JSON: the status, then each verbose info entry, parsed.
+
+    crictl's layout: ``{"status": {...}, "info": {...}}``, the status in the
+    protobuf JSON mapping (camelCase, enum names, 64-bit integers as strings)
+    and each value of the info map parsed from JSON when it is JSON.
+    """
+    document: dict[str, object] = {"status": status.to_dict(include_default_values=True)}
+    for key in sorted(info):
+        document.setdefault(key, _json_or_text(info[key]))
+    return document
+
+
+# ---- container logs ------------------------------------------------------------------
+
+#: The two streams a CRI log line names.
+LOG_STREAMS: Final = (b"stdout", b"stderr")
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One line a container wrote, its partial parts joined.
+
+    Attributes:
+        timestamp: the RFC 3339 time of its first part, as the file has it.
+        stream: ``stdout`` or ``stderr``.
+        text: the line, without its newline.
+    """
+
+    timestamp: bytes
+    stream: str
+    text: bytes
+
+
+def parse_log_line(line: bytes) -> tuple[bytes, str, bool, bytes] | None:
+    """Split a line of a CRI log file: ``<RFC3339Nano> <stream> <tags> <text>``.
+
+    Returns (timestamp, stream, partial, text), partial when the first tag is
+    ``P``; None for a line not in the format (the kubelet skips those too).
+    The tags are ``:``-separated and only the first one means anything yet.
+    """
+    parts = line.rstrip(b"\n").split(b" ", 3)
+    if len(parts) < 3 or not parts[0] or parts[1] not in LOG_STREAMS:
+        return None
+    timestamp, stream, tags = parts[:3]
+    tag = tags.partition(b":")[0]
+    if tag not in (b"P", b"F"):
+        return None
+    text = parts[3] if len(parts) == 4 else b""
+    return timestamp, stream.decode(), tag == b"P", text
+
+
+class LogJoiner:
+    """Joins a line's ``P`` (partial) parts and its ``F`` (full) part, per stream.
+
+    A runtime splits a long line into parts (conmon at its buffer's size);
+    the parts of stdout and of stderr may interleave, so each stream has its
+    own pending line.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[bytes, list[bytes]]] = {}
+
+    def feed(self, line: bytes) -> LogEntry | None:
+        """The entry *line* completes, if it does; malformed lines are skipped."""
+        parsed = parse_log_line(line)
+        if parsed is None:
+            return None
+        timestamp, stream, partial, text = parsed
+        pending = self._pending.get(stream)
+        if partial:
+            if pending is None:
+                self._pending[stream] = (timestamp, [text])
+            else:
+                pending[1].append(text)
+            return None
+        if pending is None:
+            return LogEntry(timestamp, stream, text)
+        del self._pending[stream]
+        return LogEntry(pending[0], stream, b"".join([*pending[1], text]))
+
+    def flush(self) -> list[LogEntry]:
+        """The lines whose last part never came (the container ended mid-line)."""
+        entries = [
+            LogEntry(timestamp, stream, b"".join(parts))
+            for stream, (timestamp, parts) in self._pending.items()
+        ]
+        self._pending.clear()
+        return entries
+
+
+class LogFile:
+    """The complete lines of a log file, read as they are written.
+
+    It follows the path: when the file at the path is another one (the
+    kubelet rotated the log: renamed it and had the runtime reopen a new
+    one), it reads what is left of the old file and goes on with the new one
+    from its start; when the file shrank (truncated in place), it starts over.
+    A path with no file yet reads as no lines.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file: BinaryIO | None = None
+        self._ident: tuple[int, int] | None = None
+        self._rest = b""
+
+    def open(self) -> bool:
+        """Open the file if it is not; False if there is none (yet)."""
+        if self._file is not None:
+            return True
+        try:
+            file = self.path.open("rb")
+        except FileNotFoundError:
+            return False
+        st = os.fstat(file.fileno())
+        self._file, self._ident, self._rest = file, (st.st_dev, st.st_ino), b""
+        return True
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _drain(self) -> list[bytes]:
+        assert self._file is not None
+        data = self._rest + self._file.read()
+        *lines, self._rest = data.split(b"\n")
+        return lines
+
+    def read(self) -> list[bytes]:
+        """The lines completed since the last read, without their newlines."""
+        if not self.open():
+            return []
+        lines = self._drain()
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            # Renamed away and the new file not there yet: the old one is
+            # still the one being written, or was the last.
+            return lines
+        assert self._file is not None
+        if (st.st_dev, st.st_ino) != self._ident:
+            lines += self._drain()  # written to the old file since
+            lines += self.finish()
+            self.close()
+            if self.open():
+                lines += self._drain()
+        elif st.st_size < self._file.tell():
+            self._file.seek(0)
+            self._rest = b""
+            lines += self._drain()
+        return lines
+
+    def finish(self) -> list[bytes]:
+        """The last line if the file does not end with a newline: nothing more will come."""
+        rest, self._rest = self._rest, b""
+        return [rest] if rest else []
+
+    def __enter__(self) -> LogFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class LogWriter:
+    """Writes log entries: stdout's to *out*, stderr's to *err*, bytes as they are."""
+
+    def __init__(self, out: BinaryIO, err: BinaryIO, *, timestamps: bool = False) -> None:
+        self._out = out
+        self._err = err
+        self._timestamps = timestamps
+
+    def write(self, entries: Iterable[LogEntry]) -> None:
+        for entry in entries:
+            stream = self._err if entry.stream == "stderr" else self._out
+            if self._timestamps:
+                stream.write(entry.timestamp + b" ")
+            stream.write(entry.text + b"\n")
+        self._out.flush()
+        self._err.flush()
+
+
+def read_log(log: LogFile, joiner: LogJoiner, *, tail: int | None = None) -> list[LogEntry]:
+    """The entries of what *log* has now: all, or the last *tail* of them.
+
+    A line still without its newline or its last part stays pending in
+    *log* and *joiner*; `follow_log` may complete it.
+    """
+    entries: collections.deque[LogEntry] = collections.deque(maxlen=tail)
+    for line in log.read():
+        entry = joiner.feed(line)
+        if entry is not None:
+            entries.append(entry)
+    return list(entries)
+
+
+def follow_log(
+    log: LogFile,
+    joiner: LogJoiner,
+    write: Callable[[list[LogEntry]], None],
+    running: Callable[[], bool],
+    *,
+    interval: float = 0.1,
+    status_interval: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Write what is added to *log* until *running* says the writer is done.
+
+    The file is polled every *interval* seconds and *running* every
+    *status_interval*.  *running* is asked before the file is read, so what
+    was written before the container exited is read and written before
+    this returns; then the lines left incomplete are written as they are.
+    """
+    every = max(1, round(status_interval / interval))
+    tick = 0
+    while True:
+        done = tick % every == 0 and not running()
+        write(read_log(log, joiner))
+        if done:
+            break
+        sleep(interval)
+        tick += 1
+    write(finish_log(log, joiner))
+
+
+def finish_log(log: LogFile, joiner: LogJoiner) -> list[LogEntry]:
+    """The entries left once *log* is written no more: its unterminated lines."""
+    entries = [entry for line in log.finish() if (entry := joiner.feed(line)) is not None]
+    return [*entries, *joiner.flush()]
+
+
+def tail_count(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """``--tail``: a number of lines, or ``all`` (None); a negative number is all too."""
+    text = value.strip().lower()
+    if text == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number of lines or 'all'") from None
+    # crictl's default is --tail=-1.
+    return count if count >= 0 else None
+
+
+class PouchError(click.ClickException):
+    """A command's failure, shown as ``pouch: <message>``; exit status 1."""
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"pouch: {self.format_message()}", err=True)
+
+
 class PullView:
     """Shows a pull's progress on *console*.
 
@@ -246,11 +637,27 @@ class PullView:
 @click.version_option(__version__, prog_name="pouch", message="%(prog)s %(version)s")
 @click.pass_context
 def pouch_cli(ctx: click.Context, socket: Path) -> None:
-    """Pouch command-line client: images and versions, from a running pouchd."""
+    """Pouch command-line client: images, pods, containers and logs, from pouchd."""
     # Imported here: pouchd shares this module and never needs grpcio.
     from pouch.cri.client import Client
 
     ctx.obj = ctx.with_resource(Client(socket))
+
+
+def print_table(
+    headings: Sequence[str], rows: Iterable[Sequence[str]], *, right: Collection[str] = ()
+) -> None:
+    """Print a table as ``pouch images`` does: no box, bold headings, never wrapped."""
+    table = Table(box=None, pad_edge=False, padding=(0, 3, 0, 0), header_style="bold")
+    for heading in headings:
+        table.add_column(heading, no_wrap=True, justify="right" if heading in right else "left")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:
+        # Piped output is read by programs: never wrap or cut a name.
+        console = Console(width=10_000)
+    console.print(table, markup=False, highlight=False)
 
 
 @pouch_cli.command("pull")
@@ -290,17 +697,11 @@ def images_command(client: Client, quiet: bool) -> int:
         for image in images:
             click.echo(image.id)
         return 0
-    table = Table(box=None, pad_edge=False, padding=(0, 3, 0, 0), header_style="bold")
-    for heading in ("IMAGE", "TAG", "IMAGE ID"):
-        table.add_column(heading, no_wrap=True)
-    table.add_column("SIZE", no_wrap=True, justify="right")
-    for image in images:
-        table.add_row(*image_row(image))
-    console = Console()
-    if not console.is_terminal:
-        # Piped output is read by programs: never wrap or cut a name.
-        console = Console(width=10_000)
-    console.print(table, markup=False, highlight=False)
+    print_table(
+        ("IMAGE", "TAG", "IMAGE ID", "SIZE"),
+        [image_row(image) for image in images],
+        right=("SIZE",),
+    )
     return 0
 
 
@@ -341,6 +742,140 @@ def load_command(client: Client, file: Path) -> int:
             click.echo(f"Loaded image ID: {image.image_id}")
         for name in image.names:
             click.echo(f"Loaded image: {name}")
+    return 0
+
+
+@pouch_cli.command("pods")
+@click.option("--quiet", "-q", is_flag=True, help="Print pod ids only.")
+@click.pass_obj
+def pods_command(client: Client, quiet: bool) -> int:
+    """List pod sandboxes, newest first."""
+    pods = sorted(client.list_pod_sandboxes(), key=lambda p: p.created_at, reverse=True)
+    if quiet:
+        for pod in pods:
+            click.echo(pod.id)
+        return 0
+    now = time.time()
+    print_table(
+        ("POD ID", "CREATED", "STATE", "NAME", "NAMESPACE", "ATTEMPT", "RUNTIME"),
+        [pod_row(pod, now) for pod in pods],
+    )
+    return 0
+
+
+@pouch_cli.command("ps")
+@click.option("--all", "-a", "all_", is_flag=True, help="Show all containers, not only running.")
+@click.option("--quiet", "-q", is_flag=True, help="Print container ids only.")
+@click.option("--pod", "-p", default="", metavar="ID", help="Only the containers of this pod.")
+@click.pass_obj
+def ps_command(client: Client, all_: bool, quiet: bool, pod: str) -> int:
+    """List running containers (all of them with -a), newest first."""
+    from pouch.cri._pb.runtime.v1 import ContainerState
+
+    state = None if all_ else ContainerState.CONTAINER_RUNNING
+    containers = sorted(
+        client.list_containers(state=state, pod_sandbox_id=pod),
+        key=lambda c: c.created_at,
+        reverse=True,
+    )
+    if quiet:
+        for container in containers:
+            click.echo(container.id)
+        return 0
+    now = time.time()
+    print_table(
+        ("CONTAINER", "IMAGE", "CREATED", "STATE", "NAME", "ATTEMPT", "POD ID"),
+        [container_row(container, now) for container in containers],
+    )
+    return 0
+
+
+@pouch_cli.command("inspect")
+@click.argument("id_", metavar="ID")
+@click.pass_obj
+def inspect_command(client: Client, id_: str) -> int:
+    """Print a container's or a pod's status and verbose info, as JSON.
+
+    ID is a container's id or a pod sandbox's, or a unique prefix of one;
+    containers are looked for first.
+    """
+    container_id = resolve_id(id_, (c.id for c in client.list_containers()), "container")
+    if container_id is not None:
+        container = client.container_status(container_id, verbose=True)
+        document = status_document(container.status, container.info)
+    else:
+        pod_id = resolve_id(id_, (p.id for p in client.list_pod_sandboxes()), "pod sandbox")
+        if pod_id is None:
+            raise PouchError(f"no container or pod sandbox with id {id_}")
+        pod = client.pod_sandbox_status(pod_id, verbose=True)
+        document = status_document(pod.status, pod.info)
+    click.echo(json.dumps(document, indent=2))
+    return 0
+
+
+@pouch_cli.command("logs")
+@click.option("--follow", "-f", is_flag=True, help="Follow the log until the container exits.")
+@click.option(
+    "--tail",
+    default="all",
+    callback=tail_count,
+    metavar="N",
+    help="Show only the last N lines (default: all).",
+)
+@click.option("--timestamps", "-t", is_flag=True, help="Show each line's time.")
+@click.argument("container")
+@click.pass_obj
+def logs_command(
+    client: Client, follow: bool, tail: int | None, timestamps: bool, container: str
+) -> int:
+    """Print a container's log: its stdout to stdout, its stderr to stderr.
+
+    CONTAINER is an id or a unique prefix of one.  The log file is read here,
+    on the node, as the kubelet and crictl read it.
+    """
+    from pouch.cri.client import ClientError
+
+    container_id = resolve_id(container, (c.id for c in client.list_containers()), "container")
+    if container_id is None:
+        raise PouchError(f"no such container: {container}")
+    path = client.container_status(container_id).status.log_path
+    if not path:
+        raise PouchError(f"container {truncate_id(container_id)} has no log file")
+
+    def running() -> bool:
+        try:
+            state = client.container_status(container_id).status.state
+        except ClientError as exc:
+            if exc.code == "NOT_FOUND":  # removed: it will write no more
+                return False
+            raise
+        return getattr(state, "name", "") in ("CONTAINER_CREATED", "CONTAINER_RUNNING")
+
+    # The lines go out as the container wrote them: bytes, not necessarily UTF-8.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    writer = LogWriter(sys.stdout.buffer, sys.stderr.buffer, timestamps=timestamps)
+    try:
+        with LogFile(path) as log:
+            if not follow and not log.open():
+                raise PouchError(f"container {truncate_id(container_id)}: no log file {path}")
+            joiner = LogJoiner()
+            if follow:
+                writer.write(read_log(log, joiner, tail=tail))
+                follow_log(log, joiner, writer.write, running)
+            else:
+                entries = [*read_log(log, joiner), *finish_log(log, joiner)]
+                if tail is not None:
+                    entries = entries[len(entries) - tail :] if tail else []
+                writer.write(entries)
+    except BrokenPipeError:
+        # The reader went away (pouch logs x | head): an end, not an error.
+        # Point stdout at /dev/null so that flushing it at exit fails no more.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+    except OSError as exc:
+        raise PouchError(f"cannot read {path}: {exc.strerror or exc}") from None
     return 0
 
 

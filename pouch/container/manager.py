@@ -307,11 +307,8 @@ class ContainerManager:
                 await self._recover_sandbox(s)
             except Exception as exc:
                 log.error("failed to recover sandbox", sandbox_id=s.sandbox_id, exc_info=exc)
-        # Namespaces and mounts of sandboxes that are gone.
-        live = {netns.name_for(s) for s in self.sandboxes}
-        for name in netns.list_names():
-            if name not in live:
-                await netns.remove(name)
+        # No sweep of /run/netns by prefix: another daemon may own those.  A
+        # namespace exists only after its sandbox row, so the rows cover them.
 
     async def _recover_container(self, c: Container) -> None:
         if c.state is ContainerState.CREATING:

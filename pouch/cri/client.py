@@ -136,6 +136,52 @@ class Client:
             timeout=self.timeout,
         )
 
+    def list_pod_sandboxes(self) -> list[cri.PodSandbox]:
+        response = self._unary(
+            f"{_RUNTIME}/ListPodSandbox",
+            cri.ListPodSandboxRequest(),
+            cri.ListPodSandboxResponse,
+            timeout=self.timeout,
+        )
+        return list(response.items)
+
+    def pod_sandbox_status(
+        self, pod_sandbox_id: str, *, verbose: bool = False
+    ) -> cri.PodSandboxStatusResponse:
+        return self._unary(
+            f"{_RUNTIME}/PodSandboxStatus",
+            cri.PodSandboxStatusRequest(pod_sandbox_id=pod_sandbox_id, verbose=verbose),
+            cri.PodSandboxStatusResponse,
+            timeout=self.timeout,
+        )
+
+    def list_containers(
+        self, *, state: int | None = None, pod_sandbox_id: str = ""
+    ) -> list[cri.Container]:
+        """Containers, of one state (a `ContainerState`) and of one pod (an id or prefix)."""
+        flt = cri.ContainerFilter(pod_sandbox_id=pod_sandbox_id)
+        if state is not None:
+            # Set even when it is CONTAINER_CREATED, the enum's zero: the
+            # filter is the presence of the wrapper message.
+            flt.state = cri.ContainerStateValue(state=cri.ContainerState(state))
+        response = self._unary(
+            f"{_RUNTIME}/ListContainers",
+            cri.ListContainersRequest(filter=flt),
+            cri.ListContainersResponse,
+            timeout=self.timeout,
+        )
+        return list(response.containers)
+
+    def container_status(
+        self, container_id: str, *, verbose: bool = False
+    ) -> cri.ContainerStatusResponse:
+        return self._unary(
+            f"{_RUNTIME}/ContainerStatus",
+            cri.ContainerStatusRequest(container_id=container_id, verbose=verbose),
+            cri.ContainerStatusResponse,
+            timeout=self.timeout,
+        )
+
     # ---- pouch.v1 ---------------------------------------------------------------
 
     def pull(

@@ -2,30 +2,38 @@
 
 Each test runs the installed ``pouch`` console script as a subprocess, as a
 user would, against a private pouchd configured to pull from a loopback
-docker-registry over plain HTTP.
+docker-registry over plain HTTP (conftest's ``registry``, which holds
+library/busybox).  Pods and containers are made through the CRI with
+test_containers' client, which we did not write on top of ``pouch``.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from cri_api.v1 import api_pb2
 
 from pouch.cli import human_size, short_id
+from tests.integration.test_containers import Client
 from tests.support import images as timg
-from tests.support.registry import Registry, push
+from tests.support.registry import push
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from tests.integration.conftest import Daemon
+    from tests.support.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -33,22 +41,20 @@ POUCH = Path(sys.prefix) / "bin" / "pouch"
 RUN_TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    with Registry() as r:
-        yield r
-
-
 @pytest.fixture
 def pd(make_daemon: type[Daemon], registry: Registry) -> Daemon:
     return make_daemon(config=f'[registry]\ninsecure = ["{registry.host}"]\n').start()
 
 
-def pouch(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+def pouch_argv(daemon: Daemon, *args: str) -> list[str]:
     if not POUCH.exists():
         pytest.fail(f"{POUCH} is missing: pip install -e . (the project's console scripts)")
+    return [str(POUCH), "--socket", str(daemon.socket), *args]
+
+
+def pouch(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(POUCH), "--socket", str(daemon.socket), *args],
+        pouch_argv(daemon, *args),
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
@@ -186,3 +192,177 @@ def test_errors_print_the_daemons_message_and_exit_1(pd, registry, tmp_path):
     assert gone.returncode == 1
     assert gone.stderr.startswith("pouch: ")
     assert "Traceback" not in gone.stderr
+
+
+# ---- pods, containers and their logs ------------------------------------------------------
+
+
+@pytest.fixture
+def cri(pd: Daemon, registry: Registry) -> Iterator[Client]:
+    client = Client(pd, registry)
+    client.pull()
+    yield client
+    client.cleanup()
+
+
+POD_COLUMNS = ["POD ID", "CREATED", "STATE", "NAME", "NAMESPACE", "ATTEMPT", "RUNTIME"]
+PS_COLUMNS = ["CONTAINER", "IMAGE", "CREATED", "STATE", "NAME", "ATTEMPT", "POD ID"]
+RECENT = re.compile(r"(Less than a second|1 second|\d+ seconds) ago")
+RFC3339_NANO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(Z|[+-]\d\d:\d\d)")
+
+
+def table(text: str, headings: list[str]) -> list[dict[str, str]]:
+    """The rows of a left-aligned table, cut where its *headings* begin."""
+    header, *lines = text.splitlines()
+    assert header.split() == " ".join(headings).split(), header
+    starts = [header.index(heading) for heading in headings]
+    bounds = [*zip(starts, [*starts[1:], None], strict=True)]
+    return [
+        {h: line[a:b].strip() for h, (a, b) in zip(headings, bounds, strict=True)} for line in lines
+    ]
+
+
+def test_pods_and_ps(pd, cri):
+    sid, pc = cri.run_pod(cri.pod_config("cli-pod"))
+    running = cri.create(sid, pc, ["sleep", "1000"], name="app")
+    cri.start(running)
+    idle = cri.create(sid, pc, ["true"], name="idle")
+
+    (pod,) = table(ok(pouch(pd, "pods")), POD_COLUMNS)
+    assert RECENT.fullmatch(pod.pop("CREATED")), pod
+    assert pod == {
+        "POD ID": sid[:13],
+        "STATE": "Ready",
+        "NAME": "cli-pod",
+        "NAMESPACE": "test",
+        "ATTEMPT": "0",
+        "RUNTIME": "runc",
+    }
+    assert ok(pouch(pd, "pods", "-q")) == f"{sid}\n"
+
+    (row,) = table(ok(pouch(pd, "ps")), PS_COLUMNS)
+    assert RECENT.fullmatch(row.pop("CREATED")), row
+    assert row == {
+        "CONTAINER": running[:13],
+        "IMAGE": cri.image,
+        "STATE": "Running",
+        "NAME": "app",
+        "ATTEMPT": "0",
+        "POD ID": sid[:13],
+    }
+    rows = table(ok(pouch(pd, "ps", "-a")), PS_COLUMNS)
+    # Newest first.
+    assert [(r["CONTAINER"], r["STATE"], r["NAME"]) for r in rows] == [
+        (idle[:13], "Created", "idle"),
+        (running[:13], "Running", "app"),
+    ]
+    assert ok(pouch(pd, "ps", "-q")) == f"{running}\n"
+    assert ok(pouch(pd, "ps", "-aq", "--pod", sid[:8])).split() == [idle, running]
+    assert ok(pouch(pd, "ps", "-aq", "--pod", "0" * 12)) == ""
+
+    cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+    pods = table(ok(pouch(pd, "pods")), POD_COLUMNS)
+    # ListPodSandbox without a filter lists every pod, the stopped ones too.
+    assert [(p["POD ID"], p["STATE"]) for p in pods] == [(sid[:13], "NotReady")]
+    assert table(ok(pouch(pd, "ps")), PS_COLUMNS) == []
+    states = {r["NAME"]: r["STATE"] for r in table(ok(pouch(pd, "ps", "-a")), PS_COLUMNS)}
+    assert states == {"app": "Exited", "idle": "Exited"}  # a stopped pod stops them all
+
+
+def test_inspect_a_container_and_a_pod(pd, cri):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"])
+    cri.start(cid)
+
+    container = json.loads(ok(pouch(pd, "inspect", cid[:12])))
+    status = container["status"]
+    assert (status["id"], status["state"]) == (cid, "CONTAINER_RUNNING")
+    assert status["metadata"]["name"] == "c"
+    assert status["logPath"] == cri.status(cid).status.log_path
+    # The verbose info, one JSON document: parsed, not a string inside a string.
+    info = container["info"]
+    assert info["sandboxID"] == sid
+    assert info["pid"] > 0
+    assert info["runtimeSpec"]["process"]["args"] == ["sleep", "1000"]
+
+    pod = json.loads(ok(pouch(pd, "inspect", sid)))
+    assert (pod["status"]["id"], pod["status"]["state"]) == (sid, "SANDBOX_READY")
+    assert pod["status"]["metadata"]["namespace"] == "test"
+    assert pod["info"]["pid"] > 0
+    assert "runtimeSpec" in pod["info"]
+
+    missing = pouch(pd, "inspect", "0" * 12)
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert missing.stderr == f"pouch: no container or pod sandbox with id {'0' * 12}\n"
+
+
+def test_logs_split_streams_and_join_long_lines(pd, cri):
+    st, raw = cri.run(
+        [
+            "sh",
+            "-c",
+            "echo out; echo err >&2; yes a | head -c 40000 | tr -d '\\n'; echo; echo end",
+        ]
+    )
+    assert st.exit_code == 0
+    # The runtime split the long line: the test is of joining its parts.
+    assert any(line.split(" ", 3)[2] == "P" for line in raw.splitlines()), raw[:500]
+    cid = st.id
+
+    result = pouch(pd, "logs", cid[:12])
+    assert ok(result) == "out\n" + "a" * 20000 + "\nend\n"
+    assert result.stderr == "err\n"
+
+    assert ok(pouch(pd, "logs", "--tail", "1", cid)) == "end\n"
+    stamped = pouch(pd, "logs", "--timestamps", cid)
+    lines = ok(stamped).splitlines()
+    assert len(lines) == 3
+    for line, text in zip(lines, ["out", "a" * 20000, "end"], strict=True):
+        timestamp, _, rest = line.partition(" ")
+        assert RFC3339_NANO.fullmatch(timestamp), line[:80]
+        assert rest == text
+    timestamp, _, rest = stamped.stderr.rstrip("\n").partition(" ")
+    assert RFC3339_NANO.fullmatch(timestamp)
+    assert rest == "err"
+
+    missing = pouch(pd, "logs", "0" * 12)
+    assert missing.returncode == 1
+    assert missing.stderr == f"pouch: no such container: {'0' * 12}\n"
+
+
+def test_logs_follow_ends_when_the_container_exits(pd, cri):
+    sid, pc = cri.run_pod()
+    cid = cri.create(
+        sid,
+        pc,
+        [
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo line $i; sleep 0.5; done; "
+            "yes b | head -c 40000 | tr -d '\\n'; echo; echo bye >&2",
+        ],
+    )
+    cri.start(cid)
+    started = time.monotonic()
+    follow = subprocess.run(
+        pouch_argv(pd, "logs", "-f", cid),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert ok(follow) == "line 1\nline 2\nline 3\n" + "b" * 20000 + "\n"
+    assert follow.stderr == "bye\n"
+    # It waited for the container (1.5 s of sleeps), and stopped soon after its exit.
+    assert elapsed >= 1.2
+    st = cri.status(cid).status
+    assert st.state == api_pb2.CONTAINER_EXITED
+    assert time.time() - st.finished_at / 1e9 < 5
+
+    # Following an exited container prints its log and returns.
+    # The tail is of both streams together: the last two lines, one of each.
+    again = pouch(pd, "logs", "-f", "--tail", "2", cid)
+    assert ok(again) == "b" * 20000 + "\n"
+    assert again.stderr == "bye\n"

@@ -33,6 +33,18 @@ IMPLEMENTED = {
     "ListImages",
     "RemoveImage",
     "ImageFsInfo",
+    "RunPodSandbox",
+    "StopPodSandbox",
+    "RemovePodSandbox",
+    "PodSandboxStatus",
+    "ListPodSandbox",
+    "CreateContainer",
+    "StartContainer",
+    "StopContainer",
+    "RemoveContainer",
+    "ContainerStatus",
+    "ListContainers",
+    "ExecSync",
 }
 
 
@@ -163,17 +175,17 @@ def test_rpcs_are_logged_with_name_ids_and_duration(make_daemon):
     with d.channel() as ch:
         api_pb2_grpc.RuntimeServiceStub(ch).Version(api_pb2.VersionRequest(), timeout=5)
         with pytest.raises(grpc.RpcError):
-            api_pb2_grpc.RuntimeServiceStub(ch).StopContainer(
-                api_pb2.StopContainerRequest(container_id="abc123"), timeout=5
+            api_pb2_grpc.RuntimeServiceStub(ch).ContainerStatus(
+                api_pb2.ContainerStatusRequest(container_id="abc123"), timeout=5
             )
     records = [json.loads(line) for line in d.logs().splitlines() if line.startswith("{")]
     rpcs = [r for r in records if r.get("event") == "rpc"]
     version = next(r for r in rpcs if r["rpc"] == "Version")
     assert version["code"] == "OK"
     assert isinstance(version["duration_ms"], float)
-    stop = next(r for r in rpcs if r["rpc"] == "StopContainer")
-    assert stop["container_id"] == "abc123"
-    assert stop["code"] == "UNIMPLEMENTED"
+    status = next(r for r in rpcs if r["rpc"] == "ContainerStatus")
+    assert status["container_id"] == "abc123"
+    assert status["code"] == "NOT_FOUND"
 
 
 def test_logfmt_is_the_default_format(daemon, runtime):

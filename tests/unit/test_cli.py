@@ -8,6 +8,9 @@ no root, no pouchd.
 from __future__ import annotations
 
 import io
+import json
+import threading
+import time
 from concurrent import futures
 from typing import TYPE_CHECKING
 
@@ -16,7 +19,29 @@ import pytest
 from rich.console import Console
 
 from pouch import __version__
-from pouch.cli import PullView, human_size, image_row, pouch_main, short_id, split_name
+from pouch.cli import (
+    LogEntry,
+    LogFile,
+    LogJoiner,
+    LogWriter,
+    PouchError,
+    PullView,
+    container_row,
+    created_ago,
+    follow_log,
+    human_duration,
+    human_size,
+    image_column,
+    image_row,
+    parse_log_line,
+    pod_row,
+    pouch_main,
+    read_log,
+    resolve_id,
+    short_id,
+    split_name,
+    status_document,
+)
 from pouch.cri._pb.pouch import v1 as pb
 from pouch.cri._pb.runtime import v1 as cri
 from pouch.cri.client import Client, ClientError
@@ -64,6 +89,51 @@ BUSYBOX = cri.Image(
 UNTAGGED = cri.Image(id="sha256:" + "f" * 64, size=999)
 
 
+NS = 1_000_000_000
+POD_WEB = "d0" + "1" * 62
+POD_JOB = "e0" + "2" * 62
+RUNNING = "cafe" + "3" * 60
+EXITED = "cab0" + "4" * 60
+CREATED = "f00d" + "5" * 60
+
+
+def _pods(now: float) -> list[cri.PodSandbox]:
+    return [
+        cri.PodSandbox(
+            id=POD_WEB,
+            metadata=cri.PodSandboxMetadata(name="web", uid="u1", namespace="default", attempt=1),
+            state=cri.PodSandboxState.SANDBOX_READY,
+            created_at=int((now - 150) * NS),
+        ),
+        cri.PodSandbox(
+            id=POD_JOB,
+            metadata=cri.PodSandboxMetadata(name="job", uid="u2", namespace="batch"),
+            state=cri.PodSandboxState.SANDBOX_NOTREADY,
+            created_at=int((now - 3 * 3600) * NS),
+            runtime_handler="crun",
+        ),
+    ]
+
+
+def _containers(now: float) -> list[cri.Container]:
+    def container(id_, pod, name, state, age, image):
+        return cri.Container(
+            id=id_,
+            pod_sandbox_id=pod,
+            metadata=cri.ContainerMetadata(name=name, attempt=2 if name == "app" else 0),
+            image=cri.ImageSpec(image=image),
+            image_ref=IMAGE_ID,
+            state=state,
+            created_at=int((now - age) * NS),
+        )
+
+    return [
+        container(RUNNING, POD_WEB, "app", cri.ContainerState.CONTAINER_RUNNING, 90, REF),
+        container(EXITED, POD_JOB, "once", cri.ContainerState.CONTAINER_EXITED, 5, IMAGE_ID),
+        container(CREATED, POD_WEB, "side", cri.ContainerState.CONTAINER_CREATED, 0.2, REF),
+    ]
+
+
 class FakeDaemon:
     """Canned answers to the calls ``pouch`` makes; records what it was asked."""
 
@@ -73,6 +143,11 @@ class FakeDaemon:
         self.removed: list[str] = []
         self.pulls: list[pb.PullRequest] = []
         self.loads: list[str] = []
+        now = time.time()
+        self.pods = _pods(now)
+        self.containers = _containers(now)
+        self.log_paths: dict[str, str] = {}
+        self.status_calls = 0
 
     def _find(self, text: str) -> cri.Image | None:
         for image in self.images.values():
@@ -119,6 +194,50 @@ class FakeDaemon:
             ]
         )
 
+    def list_pod_sandbox(self, request, context):
+        return cri.ListPodSandboxResponse(items=self.pods)
+
+    def pod_sandbox_status(self, request, context):
+        (pod,) = [p for p in self.pods if p.id == request.pod_sandbox_id]
+        status = cri.PodSandboxStatus(
+            id=pod.id, metadata=pod.metadata, state=pod.state, created_at=pod.created_at
+        )
+        info = {"info": json.dumps({"pid": 42, "runtimeSpec": {"ociVersion": "1.2.0"}})}
+        return cri.PodSandboxStatusResponse(status=status, info=info if request.verbose else {})
+
+    def list_containers(self, request, context):
+        flt = request.filter
+        found = [
+            c
+            for c in self.containers
+            if c.pod_sandbox_id.startswith(flt.pod_sandbox_id)
+            and (not flt.is_set("state") or c.state == flt.state.state)
+        ]
+        return cri.ListContainersResponse(containers=found)
+
+    def container_status(self, request, context):
+        self.status_calls += 1
+        found = [c for c in self.containers if c.id == request.container_id]
+        if not found:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"container {request.container_id} not found")
+        (c,) = found
+        status = cri.ContainerStatus(
+            id=c.id,
+            metadata=c.metadata,
+            state=c.state,
+            created_at=c.created_at,
+            image=c.image,
+            image_ref=c.image_ref,
+            log_path=self.log_paths.get(c.id, ""),
+        )
+        info = {"info": json.dumps({"pid": 7, "sandboxID": c.pod_sandbox_id}), "raw": "not json"}
+        return cri.ContainerStatusResponse(status=status, info=info if request.verbose else {})
+
+    def set_state(self, container_id: str, state: cri.ContainerState) -> None:
+        for c in self.containers:
+            if c.id == container_id:
+                c.state = state
+
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(fn, request_type):
             return grpc.unary_unary_rpc_method_handler(
@@ -127,7 +246,14 @@ class FakeDaemon:
 
         return [
             grpc.method_handlers_generic_handler(
-                "runtime.v1.RuntimeService", {"Version": unary(self.version, cri.VersionRequest)}
+                "runtime.v1.RuntimeService",
+                {
+                    "Version": unary(self.version, cri.VersionRequest),
+                    "ListPodSandbox": unary(self.list_pod_sandbox, cri.ListPodSandboxRequest),
+                    "PodSandboxStatus": unary(self.pod_sandbox_status, cri.PodSandboxStatusRequest),
+                    "ListContainers": unary(self.list_containers, cri.ListContainersRequest),
+                    "ContainerStatus": unary(self.container_status, cri.ContainerStatusRequest),
+                },
             ),
             grpc.method_handlers_generic_handler(
                 "runtime.v1.ImageService",
@@ -394,7 +520,470 @@ def test_client_error_carries_code_and_details(fake):
 def test_help_and_version_exit_zero(capsys):
     assert pouch_main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("pull", "images", "rmi", "load", "version"):
+    for command in ("pull", "images", "rmi", "load", "version", "pods", "ps", "inspect", "logs"):
         assert command in out
     assert pouch_main(["--version"]) == 0
     assert capsys.readouterr().out == f"pouch {__version__}\n"
+
+
+# ---- pods and containers: formats ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (-5, "Less than a second"),  # a clock behind the daemon's
+        (0.4, "Less than a second"),
+        (1, "1 second"),
+        (59.9, "59 seconds"),
+        (60, "About a minute"),
+        (119, "About a minute"),
+        (150, "2 minutes"),
+        (59 * 60 + 59, "59 minutes"),
+        (3600, "About an hour"),
+        (5399, "About an hour"),
+        (5400, "2 hours"),  # hours are rounded, as go-units does
+        (47 * 3600, "47 hours"),
+        (48 * 3600, "2 days"),
+        (13 * 86400, "13 days"),
+        (14 * 86400, "2 weeks"),
+        (60 * 86400, "2 months"),
+        (730 * 86400, "2 years"),
+    ],
+)
+def test_human_duration_is_go_units(seconds, text):
+    assert human_duration(seconds) == text
+
+
+def test_created_ago_takes_nanoseconds():
+    assert created_ago(100 * NS, now=250.0) == "2 minutes ago"
+
+
+def test_pod_and_container_rows():
+    now = time.time()
+    web, job = _pods(now)
+    assert pod_row(web, now) == (
+        POD_WEB[:13],
+        "2 minutes ago",
+        "Ready",
+        "web",
+        "default",
+        "1",
+        "(default)",
+    )
+    assert pod_row(job, now)[2:] == ("NotReady", "job", "batch", "0", "crun")
+    assert pod_row(job, now)[1] == "3 hours ago"
+    running, exited, created = _containers(now)
+    assert container_row(running, now) == (
+        RUNNING[:13],
+        REF,
+        "About a minute ago",
+        "Running",
+        "app",
+        "2",
+        POD_WEB[:13],
+    )
+    assert container_row(exited, now)[1:4] == ("0123456789abc", "5 seconds ago", "Exited")
+    assert container_row(created, now)[2:4] == ("Less than a second ago", "Created")
+    unknown = cri.Container(id="x", state=cri.ContainerState.CONTAINER_UNKNOWN)
+    assert container_row(unknown, now)[3] == "Unknown"
+
+
+def test_image_column_shortens_only_digests():
+    def image(text, ref=""):
+        return image_column(cri.Container(image=cri.ImageSpec(image=text), image_ref=ref))
+
+    assert image(REF) == REF
+    assert image(IMAGE_ID) == "0123456789abc"
+    assert image("busybox@sha256:" + "e" * 64) == "busybox@sha256:" + "e" * 64
+    assert image("", ref=IMAGE_ID) == "0123456789abc"
+
+
+def test_resolve_id_by_unique_prefix():
+    ids = [RUNNING, EXITED, CREATED]
+    assert resolve_id("caf", ids, "container") == RUNNING
+    assert resolve_id(EXITED, ids, "container") == EXITED
+    assert resolve_id("beef", ids, "container") is None
+    with pytest.raises(PouchError, match='container id prefix "ca" is ambiguous'):
+        resolve_id("ca", ids, "container")
+    with pytest.raises(PouchError, match="empty"):
+        resolve_id("", ids, "container")
+    # An id that is also the prefix of another id is that id.
+    assert resolve_id("ab", ["ab", "abc"], "pod") == "ab"
+
+
+def test_status_document_parses_info_and_keeps_the_status():
+    status = cri.ContainerStatus(id="x", state=cri.ContainerState.CONTAINER_EXITED, exit_code=3)
+    document = status_document(
+        status, {"info": '{"pid": 7}', "raw": "plain text", "status": '"not this"'}
+    )
+    assert list(document) == ["status", "info", "raw"]
+    assert document["info"] == {"pid": 7}
+    assert document["raw"] == "plain text"
+    shown = document["status"]
+    assert isinstance(shown, dict)
+    assert (shown["id"], shown["state"], shown["exitCode"]) == ("x", "CONTAINER_EXITED", 3)
+    assert shown["createdAt"] == "0"  # the protobuf JSON mapping: int64 as a string
+    json.dumps(document)
+
+
+# ---- container logs: parsing, joining, following ----------------------------------------
+
+TS = b"2024-05-01T10:00:00.123456789Z"
+
+
+def _line(stream: str, tag: str, text: str, ts: bytes = TS) -> bytes:
+    return b" ".join([ts, stream.encode(), tag.encode(), text.encode()])
+
+
+@pytest.mark.parametrize(
+    ("line", "parsed"),
+    [
+        (_line("stdout", "F", "hello world"), (TS, "stdout", False, b"hello world")),
+        (_line("stderr", "P", "part "), (TS, "stderr", True, b"part ")),
+        (_line("stdout", "F", ""), (TS, "stdout", False, b"")),
+        (TS + b" stdout F", (TS, "stdout", False, b"")),  # no space before empty text
+        (TS + b" stdout F:x:y multi  spaces ", (TS, "stdout", False, b"multi  spaces ")),
+        (_line("stdout", "F", "with newline") + b"\n", (TS, "stdout", False, b"with newline")),
+        (b"garbage", None),
+        (TS + b" stdin F x", None),
+        (TS + b" stdout X x", None),
+        (b"", None),
+    ],
+)
+def test_parse_log_line(line, parsed):
+    assert parse_log_line(line) == parsed
+
+
+def test_joiner_joins_partial_parts_per_stream():
+    joiner = LogJoiner()
+    t1, t2 = b"2024-05-01T10:00:01Z", b"2024-05-01T10:00:02Z"
+    lines = [
+        _line("stdout", "P", "aaa", t1),
+        _line("stderr", "P", "err-", t1),
+        _line("stdout", "P", "bbb", t2),
+        _line("stderr", "F", "end", t2),
+        b"not a log line",
+        _line("stdout", "F", "ccc", t2),
+        _line("stdout", "F", "next", t2),
+        _line("stderr", "P", "cut off", t2),
+    ]
+    entries = [e for line in lines if (e := joiner.feed(line)) is not None]
+    assert entries == [
+        LogEntry(t1, "stderr", b"err-end"),
+        LogEntry(t1, "stdout", b"aaabbbccc"),  # the time of the first part
+        LogEntry(t2, "stdout", b"next"),
+    ]
+    assert joiner.flush() == [LogEntry(t2, "stderr", b"cut off")]
+    assert joiner.flush() == []
+
+
+def test_writer_splits_streams_and_adds_timestamps():
+    out, err = io.BytesIO(), io.BytesIO()
+    entries = [LogEntry(TS, "stdout", b"o\xff"), LogEntry(TS, "stderr", b"e")]
+    LogWriter(out, err).write(entries)
+    assert (out.getvalue(), err.getvalue()) == (b"o\xff\n", b"e\n")  # bytes as they are
+    out, err = io.BytesIO(), io.BytesIO()
+    LogWriter(out, err, timestamps=True).write(entries)
+    assert out.getvalue() == TS + b" o\xff\n"
+    assert err.getvalue() == TS + b" e\n"
+
+
+def test_log_file_reads_complete_lines_only(tmp_path):
+    path = tmp_path / "c.log"
+    with LogFile(path) as log:
+        assert log.read() == []  # no file yet
+        path.write_bytes(b"one\ntw")
+        assert log.read() == [b"one"]
+        with path.open("ab") as f:
+            f.write(b"o\nthree")
+        assert log.read() == [b"two"]
+        assert log.finish() == [b"three"]
+        assert log.finish() == []
+
+
+def test_log_file_follows_rotation_and_truncation(tmp_path):
+    path = tmp_path / "c.log"
+    path.write_bytes(b"a\nb\n")
+    with LogFile(path) as log:
+        assert log.read() == [b"a", b"b"]
+        # Rotated: renamed (then written to by the old writer), and a new file.
+        path.rename(tmp_path / "c.log.1")
+        assert log.read() == []
+        with (tmp_path / "c.log.1").open("ab") as f:
+            f.write(b"c\nlast of old")
+        path.write_bytes(b"new\n")
+        assert log.read() == [b"c", b"last of old", b"new"]
+        # Truncated in place, then shorter content.
+        path.write_bytes(b"x\n")
+        assert log.read() == [b"x"]
+
+
+def test_read_log_keeps_the_last_lines(tmp_path):
+    lines = [_line("stdout", "F", str(i)) for i in range(5)]
+    lines[3:3] = [_line("stdout", "P", "long-")]
+    path = tmp_path / "c.log"
+    _write_log(path, *lines)
+
+    def read(tail):
+        with LogFile(path) as log:
+            return [entry.text for entry in read_log(log, LogJoiner(), tail=tail)]
+
+    assert read(2) == [b"long-3", b"4"]  # lines, not parts
+    assert read(0) == []
+    assert read(None) == [b"0", b"1", b"2", b"long-3", b"4"]
+
+
+def test_follow_log_until_the_container_exits(tmp_path):
+    path = tmp_path / "c.log"
+    path.write_bytes(_line("stdout", "F", "before") + b"\n")
+    alive = {True}
+
+    def last_lines_then_exit():
+        # All before the status is asked again: every line must still come out,
+        # the unterminated and the unfinished ones too.
+        _append(path, _line("stdout", "F", "done") + b"\n")
+        _append(path, _line("stderr", "P", "cut off") + b"\n")
+        _append(path, _line("stdout", "F", "no newline"))
+        alive.clear()
+
+    steps = [
+        lambda: _append(path, _line("stdout", "P", "split ") + b"\n"),
+        lambda: _rotate(path, _line("stdout", "F", "across rotation") + b"\n"),
+        lambda: _append(path, _line("stderr", "F", "oops") + b"\n"),
+        lambda: _append(path, _line("stdout", "P", "almost ") + b"\n"),
+        last_lines_then_exit,
+    ]
+    written: list[LogEntry] = []
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if steps:
+            steps.pop(0)()
+
+    with LogFile(path) as log:
+        joiner = LogJoiner()
+        written += read_log(log, joiner)
+        follow_log(
+            log,
+            joiner,
+            written.extend,
+            lambda: bool(alive),
+            interval=0.1,
+            status_interval=0.1,
+            sleep=sleep,
+        )
+    assert [(e.stream, e.text) for e in written] == [
+        ("stdout", b"before"),
+        ("stdout", b"split across rotation"),
+        ("stderr", b"oops"),
+        ("stdout", b"almost done"),
+        ("stdout", b"no newline"),
+        ("stderr", b"cut off"),
+    ]
+    assert len(sleeps) == 5
+
+
+def test_follow_log_asks_for_the_status_less_often(tmp_path):
+    path = tmp_path / "c.log"
+    asked = []
+
+    def running():
+        asked.append(len(ticks))
+        return len(ticks) < 12
+
+    ticks: list[float] = []
+    with LogFile(path) as log:
+        follow_log(log, LogJoiner(), lambda _: None, running, sleep=ticks.append)
+    assert asked == [0, 5, 10, 15]
+    assert set(ticks) == {0.1}
+
+
+def _append(path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
+
+
+def _rotate(path, data: bytes) -> None:
+    path.rename(path.with_name(path.name + ".1"))
+    path.write_bytes(data)
+
+
+# ---- pods, ps, inspect and logs against the fake daemon --------------------------------
+
+
+def table(text: str, headings: list[str]) -> list[dict[str, str]]:
+    """The rows of a left-aligned table, cut where its *headings* begin."""
+    header, *lines = text.splitlines()
+    starts = [header.index(heading) for heading in headings]
+    assert sorted(starts) == starts, header
+    assert header.split() == " ".join(headings).split()
+    bounds = [*zip(starts, [*starts[1:], None], strict=True)]
+    return [
+        {h: line[a:b].strip() for h, (a, b) in zip(headings, bounds, strict=True)} for line in lines
+    ]
+
+
+POD_COLUMNS = ["POD ID", "CREATED", "STATE", "NAME", "NAMESPACE", "ATTEMPT", "RUNTIME"]
+PS_COLUMNS = ["CONTAINER", "IMAGE", "CREATED", "STATE", "NAME", "ATTEMPT", "POD ID"]
+
+
+def test_pods_table_newest_first(fake, capsys):
+    assert run(fake, "pods") == 0
+    rows = table(capsys.readouterr().out, POD_COLUMNS)
+    assert [list(row.values()) for row in rows] == [
+        [POD_WEB[:13], "2 minutes ago", "Ready", "web", "default", "1", "(default)"],
+        [POD_JOB[:13], "3 hours ago", "NotReady", "job", "batch", "0", "crun"],
+    ]
+    assert run(fake, "pods", "-q") == 0
+    assert capsys.readouterr().out.split() == [POD_WEB, POD_JOB]
+
+
+def test_ps_lists_running_containers_unless_all(fake, capsys):
+    assert run(fake, "ps") == 0
+    rows = table(capsys.readouterr().out, PS_COLUMNS)
+    assert [list(row.values()) for row in rows] == [
+        [RUNNING[:13], REF, "About a minute ago", "Running", "app", "2", POD_WEB[:13]],
+    ]
+    assert run(fake, "ps", "-a", "-q") == 0
+    assert capsys.readouterr().out.split() == [CREATED, EXITED, RUNNING]  # newest first
+    assert run(fake, "ps", "-a") == 0
+    rows = table(capsys.readouterr().out, PS_COLUMNS)
+    assert [(row["STATE"], row["IMAGE"]) for row in rows] == [
+        ("Created", REF),
+        ("Exited", "0123456789abc"),
+        ("Running", REF),
+    ]
+    assert run(fake, "ps", "-aq", "--pod", POD_WEB[:6]) == 0
+    assert capsys.readouterr().out.split() == [CREATED, RUNNING]
+    assert run(fake, "ps", "-q", "-p", POD_JOB) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_ps_and_pods_on_an_empty_node_print_the_headings(fake, capsys):
+    fake.pods, fake.containers = [], []
+    assert run(fake, "ps", "-a") == 0
+    assert table(capsys.readouterr().out, PS_COLUMNS) == []
+    assert run(fake, "pods") == 0
+    assert table(capsys.readouterr().out, POD_COLUMNS) == []
+
+
+def test_inspect_a_container_by_prefix(fake, capsys):
+    assert run(fake, "inspect", "caf") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["status"]["id"] == RUNNING
+    assert document["status"]["state"] == "CONTAINER_RUNNING"
+    assert document["info"] == {"pid": 7, "sandboxID": POD_WEB}
+    assert document["raw"] == "not json"
+
+
+def test_inspect_a_pod(fake, capsys):
+    assert run(fake, "inspect", POD_JOB[:4]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["status"]["id"] == POD_JOB
+    assert document["status"]["state"] == "SANDBOX_NOTREADY"
+    assert document["info"]["runtimeSpec"] == {"ociVersion": "1.2.0"}
+
+
+def test_inspect_unknown_and_ambiguous(fake, capsys):
+    assert run(fake, "inspect", "0bad") == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "pouch: no container or pod sandbox with id 0bad\n"
+    assert run(fake, "inspect", "ca") == 1
+    assert capsys.readouterr().err == 'pouch: container id prefix "ca" is ambiguous\n'
+
+
+def _write_log(path, *lines: bytes) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def test_logs_splits_streams_and_joins_parts(fake, capsys, tmp_path):
+    log = tmp_path / "c.log"
+    _write_log(
+        log,
+        _line("stdout", "F", "hello"),
+        _line("stdout", "P", "x" * 10),
+        _line("stderr", "F", "warning"),
+        _line("stdout", "F", "y" * 10),
+        _line("stdout", "F", "bye"),
+    )
+    fake.log_paths[EXITED] = str(log)
+    assert run(fake, "logs", EXITED[:6]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"hello\n{'x' * 10}{'y' * 10}\nbye\n"
+    assert captured.err == "warning\n"
+    assert run(fake, "logs", "--tail", "2", "-t", EXITED) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{TS.decode()} {'x' * 10}{'y' * 10}\n{TS.decode()} bye\n"
+    assert captured.err == ""
+    assert run(fake, "logs", "--tail", "3", "--timestamps", EXITED) == 0
+    assert capsys.readouterr().err == f"{TS.decode()} warning\n"
+    assert run(fake, "logs", "--tail", "0", EXITED) == 0
+    assert capsys.readouterr().out == ""
+    assert run(fake, "logs", "--tail", "all", EXITED) == 0
+    assert capsys.readouterr().out.count("\n") == 3
+
+
+def test_logs_errors(fake, capsys, tmp_path):
+    assert run(fake, "logs", "0bad") == 1
+    assert capsys.readouterr().err == "pouch: no such container: 0bad\n"
+    assert run(fake, "logs", EXITED) == 1
+    assert capsys.readouterr().err == f"pouch: container {EXITED[:13]} has no log file\n"
+    fake.log_paths[EXITED] = str(tmp_path / "gone.log")
+    assert run(fake, "logs", EXITED) == 1
+    assert capsys.readouterr().err.startswith(f"pouch: container {EXITED[:13]}: no log file")
+    assert run(fake, "logs", "--tail", "many", EXITED) == 2
+    assert "not a number of lines" in capsys.readouterr().err
+
+
+def test_logs_follow_ends_when_the_container_exits(fake, capsys, tmp_path):
+    log = tmp_path / "c.log"
+    _write_log(log, _line("stdout", "F", "first"))
+    fake.log_paths[RUNNING] = str(log)
+
+    def container():
+        time.sleep(0.3)
+        _append(log, _line("stdout", "P", "half ") + b"\n")
+        time.sleep(0.3)
+        _rotate(log, _line("stdout", "F", "and half") + b"\n" + _line("stderr", "F", "e") + b"\n")
+        time.sleep(0.3)
+        fake.set_state(RUNNING, cri.ContainerState.CONTAINER_EXITED)
+
+    writer = threading.Thread(target=container)
+    writer.start()
+    started = time.monotonic()
+    try:
+        assert run(fake, "logs", "-f", RUNNING) == 0
+    finally:
+        writer.join()
+    assert time.monotonic() - started < 5
+    captured = capsys.readouterr()
+    assert captured.out == "first\nhalf and half\n"
+    assert captured.err == "e\n"
+    assert fake.status_calls >= 3  # polled while it ran
+
+
+def test_logs_follow_of_an_exited_container_prints_and_returns(fake, capsys, tmp_path):
+    log = tmp_path / "c.log"
+    _write_log(log, _line("stdout", "F", "done"), _line("stdout", "P", "no end"))
+    fake.log_paths[EXITED] = str(log)
+    assert run(fake, "logs", "-f", "--tail", "1", EXITED) == 0
+    # The tail is of what was complete; the unfinished line comes when it ends.
+    assert capsys.readouterr().out == "done\nno end\n"
+
+
+def test_logs_follow_ends_when_the_container_is_removed(fake, capsys, tmp_path):
+    log = tmp_path / "c.log"
+    _write_log(log, _line("stdout", "F", "bye"))
+    fake.log_paths[RUNNING] = str(log)
+    timer = threading.Timer(
+        0.3, lambda: fake.containers.remove(next(c for c in fake.containers if c.id == RUNNING))
+    )
+    timer.start()
+    try:
+        assert run(fake, "logs", "-f", RUNNING) == 0
+    finally:
+        timer.join()
+    assert capsys.readouterr().out == "bye\n"
