@@ -106,7 +106,7 @@ async def pod_sandbox_status(
 async def list_pod_sandbox(core: Core, req: pb.ListPodSandboxRequest) -> pb.ListPodSandboxResponse:
     f = req.filter
     state = None
-    if f is not None and f.state is not None and f.is_set("state"):
+    if f is not None and f.is_set("state") and f.state is not None:
         state = (
             SandboxState.READY
             if f.state.state == pb.PodSandboxState.from_string("SANDBOX_READY")

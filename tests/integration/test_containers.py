@@ -154,6 +154,9 @@ def test_lifecycle(cri):
         api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10
     ).status
     assert status.state == api_pb2.SANDBOX_NOTREADY
+    # A stopped pod is still listed (a kubelet's GC lists with no filter).
+    pods = cri.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+    assert [(p.id, p.state) for p in pods] == [(sid, api_pb2.SANDBOX_NOTREADY)]
     cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=30)
     cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=30)
     with pytest.raises(grpc.RpcError) as err:
