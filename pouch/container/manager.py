@@ -44,7 +44,7 @@ from pouch._util import mount as mounts
 from pouch._util.failpoints import failpoint
 from pouch._util.inflight import InFlight, InFlightMap
 from pouch.container import spec as specs
-from pouch.container.model import ContainerConfig, NamespaceMode, PodConfig
+from pouch.container.model import ContainerConfig, LinuxResources, NamespaceMode, PodConfig
 from pouch.container.monitor import ContainerMonitor, oom_killed, read_conmon_pid
 from pouch.container.runtime import ExecResult, Runtime, RuntimeHandler
 from pouch.image import media
@@ -96,6 +96,19 @@ class ContainerState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class EventType(enum.StrEnum):
+    CREATED = "created"
+    STARTED = "started"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+    #: Not a CRI event type: resources changed (no event is sent for it).
+    UPDATED = "updated"
+
+
+#: Events buffered per GetContainerEvents subscriber before they are dropped.
+EVENT_BUFFER: Final = 256
+
+
 @attrs.define
 class Sandbox:
     sandbox_id: str
@@ -131,6 +144,17 @@ class Container:
     conmon_pid: int | None = None
     stop_signal: str = "SIGTERM"
     spec: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ContainerEvent:
+    """A container's life-cycle event, with its pod's state at that moment."""
+
+    container_id: str
+    kind: EventType
+    created_at: int
+    sandbox: Sandbox
+    containers: tuple[Container, ...]
 
 
 _codec = cattrs.Converter()
@@ -229,6 +253,7 @@ class ContainerManager:
         self._pods: dict[str, PodTask] = {}
         self._creates: InFlightMap[str, str] = InFlightMap()
         self._nursery: trio.Nursery | None = None
+        self._subscribers: set[trio.MemorySendChannel[ContainerEvent]] = set()
         self._oom_floor = specs.oom_score_adj_floor()
         self._capabilities = specs.current_capabilities()
         self._apparmor = _host_has_apparmor()
@@ -662,6 +687,7 @@ class ContainerManager:
             with trio.CancelScope(shield=True), trio.move_on_after(60):
                 await self._destroy_container(c)
             raise
+        self._publish(c, EventType.CREATED)
         log.info("container created", container_id=container_id, name=key)
         return container_id
 
@@ -767,6 +793,7 @@ class ContainerManager:
         c.started_at = time.time_ns()
         await self._save(c)
         self._watch(c)
+        self._publish(c, EventType.STARTED)
         log.info("container started", container_id=c.container_id)
 
     def _watch(self, c: Container) -> None:
@@ -785,6 +812,7 @@ class ContainerManager:
         if c.container_id in self.containers and c.state is not ContainerState.EXITED:
             self._mark_exited(c, code)
             await self._save(c)
+            self._publish(c, EventType.STOPPED)
             log.info("container exited", container_id=c.container_id, exit_code=code)
         event.set()
 
@@ -836,6 +864,7 @@ class ContainerManager:
         self._mark_exited(c, 0)
         c.reason = "Completed"
         await self._save(c)
+        self._publish(c, EventType.STOPPED)
 
     async def remove_container(self, container_id: str) -> None:
         """Remove a container, killing it if needed.  Idempotent."""
@@ -851,6 +880,7 @@ class ContainerManager:
         async def remove() -> None:
             if container_id in self.containers:
                 await self._destroy_container(c)
+                self._publish(c, EventType.DELETED)
                 if pod is not None:
                     pod.exited.pop(container_id, None)
 
@@ -892,6 +922,96 @@ class ContainerManager:
                 f"after {timeout:g}s and was killed"
             )
         return result
+
+    async def update_resources(self, container_id: str, resources: LinuxResources) -> None:
+        """Apply new limits through the runtime's ``update`` and keep them.
+
+        Raises:
+            NotFound: unknown container.
+            FailedPrecondition: the container has exited.
+        """
+        c = self.container(container_id)
+
+        async def update() -> None:
+            if c.state not in (ContainerState.CREATED, ContainerState.RUNNING):
+                raise errors.FailedPrecondition(
+                    f"container {c.container_id[:12]} is {c.state.value}: cannot update it"
+                )
+            cpu, memory, hugepages, unified = specs.resources_json(
+                resources, cgroup_v2=False, swap_controller=False, hugetlb_controller=True
+            )
+            oci: dict[str, Any] = {"cpu": dict(cpu), "memory": dict(memory)}
+            if hugepages:
+                oci["hugepageLimits"] = list(hugepages)
+            if unified:
+                oci["unified"] = unified
+            runtime = self._runtime_for(self.sandboxes[c.sandbox_id].handler)
+            await runtime.update(c.container_id, oci)
+            linux = c.spec.setdefault("linux", {})
+            current = linux.setdefault("resources", {})
+            current["cpu"] = {**current.get("cpu", {}), **cpu}
+            current["memory"] = {**current.get("memory", {}), **memory}
+            if resources.oom_score_adj:
+                c.spec.setdefault("process", {})["oomScoreAdj"] = max(
+                    resources.oom_score_adj, self._oom_floor
+                )
+            await self._save(c)
+            self._publish(c, EventType.UPDATED)
+
+        await self._pod(c.sandbox_id).call(update)
+
+    async def reopen_log(self, container_id: str) -> None:
+        """Ask conmon to reopen the log file; return once the new file exists.
+
+        Raises:
+            NotFound: unknown container.
+            FailedPrecondition: the container is not running (cri-api says so).
+        """
+        c = self.container(container_id)
+        if c.state is not ContainerState.RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {c.container_id[:12]} is {c.state.value}, not running: "
+                "its log cannot be reopened"
+            )
+        bundle = self.container_bundle(c.container_id)
+        log_path = Path(c.log_path) if c.log_path else bundle / "container.log"
+        await self.monitor.reopen_log(c.container_id, bundle=bundle, log_path=log_path)
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[ContainerEvent]:
+        """A new subscriber's channel of container events.
+
+        The buffer (`EVENT_BUFFER`) is per subscriber; a subscriber that
+        falls that far behind loses events (logged) rather than slowing the
+        manager or the others, as cri-o's event clients do.
+        """
+        send, receive = trio.open_memory_channel[ContainerEvent](EVENT_BUFFER)
+        self._subscribers.add(send)
+        return receive
+
+    def _publish(self, c: Container, kind: EventType) -> None:
+        s = self.sandboxes.get(c.sandbox_id)
+        if s is None:
+            return
+        event = ContainerEvent(
+            container_id=c.container_id,
+            kind=kind,
+            created_at=time.time_ns(),
+            sandbox=attrs.evolve(s),
+            containers=tuple(
+                attrs.evolve(x)
+                for x in self.containers.values()
+                if x.sandbox_id == c.sandbox_id and x.state is not ContainerState.CREATING
+            ),
+        )
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning("dropping container event for a slow subscriber", event_type=kind.value)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(send)
 
     # ---- queries ---------------------------------------------------------------------------
 

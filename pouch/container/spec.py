@@ -806,7 +806,7 @@ def _clamp_oom_score_adj(adj: int, floor: int) -> int:
     return min(max(adj, floor, _OOM_SCORE_ADJ_MIN), _OOM_SCORE_ADJ_MAX)
 
 
-def _resources_json(
+def resources_json(
     res: LinuxResources,
     *,
     cgroup_v2: bool,
@@ -1318,7 +1318,7 @@ def container_spec(
 
     resources: Resources = {"devices": device_rules}
     if ctr.resources is not None:
-        cpu, memory, hugepages, unified = _resources_json(
+        cpu, memory, hugepages, unified = resources_json(
             ctr.resources,
             cgroup_v2=cgroup_v2,
             swap_controller=swap_controller,

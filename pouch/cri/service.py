@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
 from pouch._util import failpoints
-from pouch.cri import container, exec, extensions, image, runtime, sandbox
+from pouch.cri import container, events, exec, extensions, image, runtime, sandbox
 from pouch.cri._bridge import Servable, servable
 from pouch.cri._instrument import CallGate, Impl, instrument
 from pouch.cri._pb.runtime import v1 as pb
@@ -49,6 +49,12 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "ContainerStatus": container.container_status,
     "ListContainers": container.list_containers,
     "ExecSync": exec.exec_sync,
+    "GetContainerEvents": events.get_container_events,
+    "StreamPodSandboxes": events.stream_pod_sandboxes,
+    "StreamContainers": events.stream_containers,
+    "StreamImages": events.stream_images,
+    "UpdateContainerResources": events.update_container_resources,
+    "ReopenContainerLog": events.reopen_container_log,
 }
 
 
