@@ -28,6 +28,7 @@ RUNTIME_PACKAGES = [
     "catatonit",
     "containernetworking-plugins",
     "iptables",
+    "criu",
 ]
 TEST_PACKAGES = [
     "docker-registry",

@@ -977,6 +977,37 @@ class ContainerManager:
         log_path = Path(c.log_path) if c.log_path else bundle / "container.log"
         await self.monitor.reopen_log(c.container_id, bundle=bundle, log_path=log_path)
 
+    async def checkpoint(self, container_id: str, location: str) -> None:
+        """Checkpoint a running container into a tar archive at *location*.
+
+        Uses the runtime's ``checkpoint`` and CRIU, leaving the container
+        running.  The archive holds the CRIU images (``checkpoint/``) and the
+        container's OCI spec (``config.json``).
+
+        Raises:
+            FailedPrecondition: the container is not running, or this host
+                cannot checkpoint (``criu check`` fails; the message says why).
+        """
+        c = self.container(container_id)
+        if c.state is not ContainerState.RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {c.container_id[:12]} is {c.state.value}, not running"
+            )
+        if not location or not os.path.isabs(location):
+            raise errors.InvalidArgument("location must be an absolute path for the archive")
+        problem = await _criu_problem()
+        if problem:
+            raise errors.FailedPrecondition(f"this host cannot checkpoint containers: {problem}")
+        runtime = self._runtime_for(self.sandboxes[c.sandbox_id].handler)
+        work = Path(await trio.to_thread.run_sync(_mkdtemp, self.state_dir))
+        try:
+            await runtime.checkpoint(c.container_id, work / "checkpoint", work / "work")
+            await trio.Path(work / "config.json").write_text(json.dumps(c.spec))
+            await trio.to_thread.run_sync(_tar_dir, work, Path(location))
+        finally:
+            await trio.to_thread.run_sync(_rmtree, work)
+        log.info("container checkpointed", container_id=c.container_id, location=location)
+
     # ---- events ------------------------------------------------------------------------------
 
     def subscribe(self) -> trio.MemoryReceiveChannel[ContainerEvent]:
@@ -1092,6 +1123,46 @@ def _signal_number(name: str) -> int:
         return int(signals.Signals[name])
     except KeyError:
         return signals.SIGTERM
+
+
+_criu_checked: list[str] = []
+
+
+async def _criu_problem() -> str:
+    """Why this host cannot checkpoint ("" if it can); asked once."""
+    if not _criu_checked:
+        criu = shutil.which("criu")
+        if criu is None:
+            _criu_checked.append("criu is not installed (Debian package criu)")
+        else:
+            proc = await trio.run_process(
+                [criu, "check"], capture_stdout=True, capture_stderr=True, check=False
+            )
+            errors_seen = [
+                line
+                for line in (proc.stdout + proc.stderr).decode(errors="replace").splitlines()
+                if line.startswith("Error")
+            ]
+            ok = proc.returncode == 0
+            _criu_checked.append("" if ok else "criu check failed: " + "; ".join(errors_seen[:3]))
+    return _criu_checked[0]
+
+
+def _mkdtemp(parent: Path) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="checkpoint-", dir=parent)
+
+
+def _tar_dir(source: Path, archive: Path) -> None:
+    import tarfile
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(f".{archive.name}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for name in ("checkpoint", "config.json"):
+            tar.add(source / name, arcname=name)
+    os.replace(tmp, archive)
 
 
 def _host_has_apparmor() -> bool:

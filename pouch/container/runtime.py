@@ -172,6 +172,10 @@ class OCIRuntime(Protocol):
         """The state of every container the runtime knows."""
         ...
 
+    async def checkpoint(self, container_id: str, image_path: Path, work_path: Path) -> None:
+        """Checkpoint the container with CRIU, leaving it running."""
+        ...
+
     async def update(self, container_id: str, resources: Mapping[str, object]) -> None:
         """Apply OCI ``linux.resources`` to a running container."""
         ...
@@ -486,6 +490,20 @@ class Runtime:
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise RuntimeFailed(argv, 0, f"unexpected output: {_text(proc.stdout)[:200]}")
         return [_str_keys(v) for v in value]
+
+    async def checkpoint(self, container_id: str, image_path: Path, work_path: Path) -> None:
+        """``<runtime> checkpoint --leave-running`` into *image_path* (CRIU images)."""
+        _check_id(container_id)
+        await self._checked(
+            container_id,
+            "checkpoint",
+            "--image-path",
+            str(image_path),
+            "--work-path",
+            str(work_path),
+            "--leave-running",
+            container_id,
+        )
 
     async def update(self, container_id: str, resources: Mapping[str, object]) -> None:
         """Apply OCI ``linux.resources`` (``<runtime> update --resources -``).

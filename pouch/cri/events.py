@@ -89,3 +89,10 @@ async def reopen_container_log(
 ) -> pb.ReopenContainerLogResponse:
     await core.containers.reopen_log(require_id(req.container_id, "container_id"))
     return pb.ReopenContainerLogResponse()
+
+
+async def checkpoint_container(
+    core: Core, req: pb.CheckpointContainerRequest
+) -> pb.CheckpointContainerResponse:
+    await core.containers.checkpoint(require_id(req.container_id, "container_id"), req.location)
+    return pb.CheckpointContainerResponse()

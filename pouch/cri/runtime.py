@@ -55,7 +55,23 @@ async def status(core: Core, req: pb.StatusRequest) -> pb.StatusResponse:
                 "startedAt": core.started_at,
             }
         )
-    return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info)
+    handlers = [
+        pb.RuntimeHandler(
+            name=name,
+            # runc 1.1 and crun 1.8 cannot make mounts recursively read-only,
+            # and user namespaces are not offered: advertise neither.
+            features=pb.RuntimeHandlerFeatures(
+                recursive_read_only_mounts=False, user_namespaces=False
+            ),
+        )
+        for name in ("", *sorted(core.config.runtime.handlers))
+    ]
+    return pb.StatusResponse(
+        status=pb.RuntimeStatus(conditions=conditions),
+        info=info,
+        runtime_handlers=handlers,
+        features=pb.RuntimeFeatures(supplemental_groups_policy=True),
+    )
 
 
 async def runtime_config(core: Core, req: pb.RuntimeConfigRequest) -> pb.RuntimeConfigResponse:

@@ -55,6 +55,7 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "StreamImages": events.stream_images,
     "UpdateContainerResources": events.update_container_resources,
     "ReopenContainerLog": events.reopen_container_log,
+    "CheckpointContainer": events.checkpoint_container,
 }
 
 

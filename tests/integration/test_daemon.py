@@ -401,3 +401,11 @@ def test_socket_refuses_unprivileged_users(daemon):
     os.chmod(daemon.base, 0o755)
     proc = subprocess.run(["python3", "-c", code], timeout=30)
     assert proc.returncode == 13
+
+
+def test_status_reports_runtime_handlers_and_features(runtime):
+    resp = runtime.Status(api_pb2.StatusRequest(), timeout=5)
+    names = [h.name for h in resp.runtime_handlers]
+    assert names == ["", "crun", "runc"]
+    assert all(not h.features.user_namespaces for h in resp.runtime_handlers)
+    assert resp.features.supplemental_groups_policy is True

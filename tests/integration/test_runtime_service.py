@@ -190,3 +190,35 @@ def test_log_rotation_loses_no_line(cri):
     with pytest.raises(grpc.RpcError) as err:
         cri.rt.ReopenContainerLog(api_pb2.ReopenContainerLogRequest(container_id=cid), timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_checkpoint_fails_clearly_where_the_host_cannot(cri, tmp_path):
+    import shutil
+    import subprocess
+
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"])
+    cri.start(cid)
+    archive = tmp_path / "ckpt.tar"
+    criu = shutil.which("criu")
+    host_ok = (
+        criu is not None
+        and subprocess.run([criu, "check"], capture_output=True, timeout=60).returncode == 0
+    )
+    request = api_pb2.CheckpointContainerRequest(container_id=cid, location=str(archive))
+    if host_ok:
+        cri.rt.CheckpointContainer(request, timeout=120)
+        import tarfile
+
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+        assert "config.json" in names
+        assert any(n.startswith("checkpoint/") for n in names)
+        assert cri.status(cid).status.state == api_pb2.CONTAINER_RUNNING
+    else:
+        with pytest.raises(grpc.RpcError) as err:
+            cri.rt.CheckpointContainer(request, timeout=120)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cannot checkpoint" in err.value.details()
+        assert "criu" in err.value.details()
+        assert not archive.exists()
