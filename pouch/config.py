@@ -130,6 +130,20 @@ class ContainerRuntimeConfig:
 
 
 @attrs.frozen
+class NetworkConfig:
+    #: Where CNI network configurations are read from (reloaded on change).
+    conf_dir: Path = Path("/etc/cni/net.d")
+    #: Where CNI plugin executables are looked up, in order.
+    plugin_dirs: tuple[Path, ...] = (Path("/usr/lib/cni"), Path("/opt/cni/bin"))
+    #: The network to use; "" takes the first config in lexical order.
+    network_name: str = ""
+    #: With no valid config, use the embedded bridge "pouch0" on 10.88.0.0/16.
+    use_default: bool = True
+    #: Limit for one plugin run.
+    plugin_timeout: float = 30.0
+
+
+@attrs.frozen
 class Config:
     #: Persistent state: the database, content store, snapshots.
     root: Path = Path("/var/lib/pouch")
@@ -143,6 +157,7 @@ class Config:
     cgroup: CgroupConfig = CgroupConfig()
     image: ImageStoreConfig = ImageStoreConfig()
     runtime: ContainerRuntimeConfig = ContainerRuntimeConfig()
+    network: NetworkConfig = NetworkConfig()
     registry: RegistryConfig = RegistryConfig()
 
     @property
@@ -159,6 +174,8 @@ def _converter() -> cattrs.Converter:
     conv.register_structure_hook(int, _structure_int)
     conv.register_structure_hook(str, _structure_str)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
+    conv.register_structure_hook_func(lambda t: t == tuple[Path, ...], _structure_path_tuple)
+    conv.register_structure_hook(bool, _structure_bool)
     # Registered one by one: a StrEnum is also a str, and singledispatch
     # would otherwise pick the str hook for it.
     for cls in (LogLevel, LogFormat, CgroupDriver):
@@ -218,6 +235,16 @@ def _structure_str_tuple(value: object, _: type) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"expected a list of strings, got {value!r}")
     return tuple(value)
+
+
+def _structure_path_tuple(value: object, _: type) -> tuple[Path, ...]:
+    return tuple(Path(v) for v in _structure_str_tuple(value, tuple))
+
+
+def _structure_bool(value: object, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
 
 
 _CONVERTER = _converter()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pouch.config import Config
     from pouch.container.manager import ContainerManager
     from pouch.image.manager import ImageManager
+    from pouch.network.manager import NetworkManager
     from pouch.store.db import Database
 
 
@@ -27,6 +28,7 @@ class Core:
     db: Database
     images: ImageManager
     containers: ContainerManager
+    network: NetworkManager
     version: str = __version__
     #: Wall-clock start, in seconds since the epoch.
     started_at: float = attrs.field(factory=time.time)

@@ -34,6 +34,7 @@ from pouch.cri._instrument import CallGate
 from pouch.image.manager import SCHEMA as IMAGE_SCHEMA
 from pouch.image.manager import ImageManager
 from pouch.log import get_logger
+from pouch.network.manager import NetworkManager
 from pouch.store.db import Database
 from pouch.stream.server import serve_streams
 
@@ -82,9 +83,17 @@ def open_core(config: Config) -> Core:
     db.open_sync((*IMAGE_SCHEMA, *CONTAINER_SCHEMA))
     images = ImageManager(config, db)
     images.open_sync()
-    containers = ContainerManager(config, db, images)
+    network = NetworkManager(
+        cache_dir=config.root / "cni-cache",
+        conf_dir=config.network.conf_dir,
+        plugin_dirs=config.network.plugin_dirs,
+        network_name=config.network.network_name,
+        use_default=config.network.use_default,
+        plugin_timeout=config.network.plugin_timeout,
+    )
+    containers = ContainerManager(config, db, images, network)
     containers.open_sync()
-    return Core(config, db, images, containers)
+    return Core(config, db, images, containers, network)
 
 
 async def run(
@@ -105,6 +114,7 @@ async def run(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as root:
                 await root.start(core.images.run)
+                await root.start(core.network.run)
                 await root.start(core.containers.run)
                 stop = trio.Event()
                 async with trio.open_nursery() as handlers:

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
     from pouch.config import Config
     from pouch.image.manager import ImageManager
+    from pouch.network.manager import NetworkManager
     from pouch.store.db import Database
 
 log = get_logger("pouch.container")
@@ -118,6 +119,8 @@ class Sandbox:
     state: SandboxState
     created_at: int
     netns_path: str | None = None
+    #: The pod's IPs from its CNI result, primary first (none with host network).
+    ips: tuple[str, ...] = ()
     infra_pid: int = 0
     conmon_pid: int | None = None
     spec: dict[str, Any] = attrs.field(factory=dict)
@@ -227,10 +230,13 @@ class PodTask:
 
 
 class ContainerManager:
-    def __init__(self, config: Config, db: Database, images: ImageManager) -> None:
+    def __init__(
+        self, config: Config, db: Database, images: ImageManager, network: NetworkManager
+    ) -> None:
         self._config = config
         self._db = db
         self._images = images
+        self._network = network
         self.root = config.root
         self.state_dir = config.state
         self.exit_dir = config.state / "exits"
@@ -334,6 +340,13 @@ class ContainerManager:
                 log.error("failed to recover sandbox", sandbox_id=s.sandbox_id, exc_info=exc)
         # No sweep of /run/netns by prefix: another daemon may own those.  A
         # namespace exists only after its sandbox row, so the rows cover them.
+        # CNI records of sandboxes that are gone: finish their DEL.
+        for sandbox_id in self._network.cached_sandboxes():
+            if sandbox_id not in self.sandboxes:
+                try:
+                    await self._network.teardown(sandbox_id, None)
+                except Exception as exc:
+                    log.error("failed to tear down network", sandbox_id=sandbox_id, exc_info=exc)
 
     async def _recover_container(self, c: Container) -> None:
         if c.state is ContainerState.CREATING:
@@ -513,6 +526,18 @@ class ContainerManager:
         await trio.to_thread.run_sync(_write_etc_files, sdir, pod, host_network)
         if not host_network:
             s.netns_path = str(await netns.create(netns.name_for(s.sandbox_id)))
+            meta = pod.metadata
+            net = await self._network.setup(
+                s.sandbox_id,
+                s.netns_path,
+                pod_name=meta.name,
+                pod_namespace=meta.namespace,
+                pod_uid=meta.uid,
+                port_mappings=pod.port_mappings,
+                dns=pod.dns,
+            )
+            s.ips = tuple(net.ips)
+            await failpoint("sandbox.networked")
         shm_path: str | None = None
         if ns.ipc is not NamespaceMode.NODE:
             shm = bundle / "shm"
@@ -567,7 +592,13 @@ class ContainerManager:
         await self._runtime_cleanup(runtime, s.sandbox_id)
         bundle = self.sandbox_bundle(s.sandbox_id)
         await trio.to_thread.run_sync(mounts.unmount, bundle / "shm")
-        await netns.remove(netns.name_for(s.sandbox_id))
+        # CNI DEL from the cached config and result, then the namespace: the
+        # namespace is removed even if DEL failed (the cache keeps the DEL for
+        # a later retry, with CNI_NETNS empty).
+        try:
+            await self._network.teardown(s.sandbox_id, s.netns_path)
+        finally:
+            await netns.remove(netns.name_for(s.sandbox_id))
         await trio.to_thread.run_sync(_rmtree, bundle)
         await trio.to_thread.run_sync(_rmtree, self.sandbox_dir(s.sandbox_id))
         with contextlib.suppress(FileNotFoundError):
@@ -591,6 +622,8 @@ class ContainerManager:
     async def _stop_infra(self, sandbox_id: str) -> None:
         s = self.sandboxes[sandbox_id]
         if s.state is SandboxState.NOTREADY:
+            # Idempotent, and the retry point for a DEL that failed before.
+            await self._network.teardown(sandbox_id, s.netns_path)
             return
         runtime = self._runtime_for(s.handler)
         with contextlib.suppress(errors.RuntimeFailed, errors.NotFound):
@@ -599,6 +632,9 @@ class ContainerManager:
             await self.monitor.wait_exit(sandbox_id, s.conmon_pid)
         s.state = SandboxState.NOTREADY
         await self._save(s)
+        # Reclaim the IP now (cri-api StopPodSandbox); a failure is reported
+        # and the next stop or the remove retries it.
+        await self._network.teardown(sandbox_id, s.netns_path)
         log.info("pod sandbox stopped", sandbox_id=sandbox_id)
 
     async def remove_pod_sandbox(self, sandbox_id: str) -> None:

@@ -30,17 +30,12 @@ async def version(core: Core, req: pb.VersionRequest) -> pb.VersionResponse:
 async def status(core: Core, req: pb.StatusRequest) -> pb.StatusResponse:
     """Report RuntimeReady and NetworkReady, as a kubelet polls them.
 
-    NetworkReady stays false until the CNI manager lands: pods cannot have
-    a network yet, and a kubelet should not schedule onto this node.
+    NetworkReady is false, with the reason, while no valid CNI config exists.
     """
+    ready, reason, message = core.network.status()
     conditions = [
         pb.RuntimeCondition(type="RuntimeReady", status=True),
-        pb.RuntimeCondition(
-            type="NetworkReady",
-            status=False,
-            reason="NetworkPluginNotReady",
-            message="pod networking is not available: no CNI manager in this build",
-        ),
+        pb.RuntimeCondition(type="NetworkReady", status=ready, reason=reason, message=message),
     ]
     info: dict[str, str] = {}
     if req.verbose:
@@ -79,3 +74,13 @@ async def runtime_config(core: Core, req: pb.RuntimeConfigRequest) -> pb.Runtime
     # The config's names ("systemd", "cgroupfs") are the proto enum's, lowercased.
     driver = pb.CgroupDriver.from_string(core.config.cgroup.driver.value.upper())
     return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+
+async def update_runtime_config(
+    core: Core, req: pb.UpdateRuntimeConfigRequest
+) -> pb.UpdateRuntimeConfigResponse:
+    """The kubelet passes the node's pod CIDR on; the default network uses it."""
+    cidr = req.runtime_config.network_config.pod_cidr if req.runtime_config else ""
+    if cidr:
+        core.network.update_pod_cidr(cidr)
+    return pb.UpdateRuntimeConfigResponse()

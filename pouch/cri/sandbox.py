@@ -69,7 +69,10 @@ def to_pb_status(s: Sandbox) -> pb.PodSandboxStatus:
         metadata=_metadata(s),
         state=_STATES[s.state],
         created_at=s.created_at,
-        network=pb.PodSandboxNetworkStatus(ip=""),
+        network=pb.PodSandboxNetworkStatus(
+            ip=s.ips[0] if s.ips else "",
+            additional_ips=[pb.PodIp(ip=ip) for ip in s.ips[1:]],
+        ),
         linux=pb.LinuxPodSandboxStatus(
             namespaces=pb.Namespace(
                 options=pb.NamespaceOption(

@@ -32,6 +32,7 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "Version": runtime.version,
     "Status": runtime.status,
     "RuntimeConfig": runtime.runtime_config,
+    "UpdateRuntimeConfig": runtime.update_runtime_config,
     "PullImage": image.pull_image,
     "ImageStatus": image.image_status,
     "ListImages": image.list_images,

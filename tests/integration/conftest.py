@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,46 @@ pytestmark = [pytest.mark.integration, pytest.mark.root]
 POUCHD = [sys.executable, "-m", "pouch"]
 READY_TIMEOUT = 15.0
 
+# Test daemons share one CNI network of their own (not the host's pouch0),
+# torn down when the session ends.
+TEST_CNI_DIR = Path("/tmp/pouch-test-cni")
+TEST_BRIDGE = "pouchdtest0"
+TEST_SUBNET = "10.230.0.0/16"
+TEST_CNI_CONFLIST = {
+    "cniVersion": "1.0.0",
+    "name": "pouch-test",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": TEST_BRIDGE,
+            "isGateway": True,
+            "ipMasq": False,
+            "hairpinMode": True,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": TEST_SUBNET}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": str(TEST_CNI_DIR / "ipam"),
+            },
+        },
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+    ],
+}
+
+
+def network_section() -> str:
+    conf = TEST_CNI_DIR / "net.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "10-pouch-test.conflist").write_text(json.dumps(TEST_CNI_CONFLIST))
+    return f'\n[network]\nconf_dir = "{conf}"\nuse_default = false\n'
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_network():
+    yield
+    subprocess.run(["ip", "link", "del", TEST_BRIDGE], capture_output=True, timeout=30)
+    shutil.rmtree(TEST_CNI_DIR, ignore_errors=True)
+
 
 class Daemon:
     """A ``pouchd`` process on a private root, state dir and socket."""
@@ -33,10 +74,11 @@ class Daemon:
         self.state = base / "state"
         self.socket = base / "pouch.sock"
         self.log_path = base / "pouchd.log"
-        self.config_path: Path | None = None
-        if config is not None:
-            self.config_path = base / "pouchd.toml"
-            self.config_path.write_text(config)
+        self.config_path = base / "pouchd.toml"
+        config = config or ""
+        if "[network]" not in config:
+            config += network_section()
+        self.config_path.write_text(config)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 

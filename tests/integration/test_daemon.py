@@ -45,6 +45,14 @@ IMPLEMENTED = {
     "ContainerStatus",
     "ListContainers",
     "ExecSync",
+    "UpdateRuntimeConfig",
+    "UpdateContainerResources",
+    "ReopenContainerLog",
+    "CheckpointContainer",
+    "GetContainerEvents",
+    "StreamPodSandboxes",
+    "StreamContainers",
+    "StreamImages",
 }
 
 
@@ -74,10 +82,7 @@ def test_status_conditions(runtime):
     resp = runtime.Status(api_pb2.StatusRequest(), timeout=5)
     conditions = {c.type: c for c in resp.status.conditions}
     assert conditions["RuntimeReady"].status is True
-    network = conditions["NetworkReady"]
-    assert network.status is False
-    assert network.reason
-    assert network.message
+    assert conditions["NetworkReady"].status is True
     assert dict(resp.info) == {}
 
 
