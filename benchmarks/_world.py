@@ -566,6 +566,7 @@ class World:
         self.pause_ref = ""
         self.cni_network = ""
         self.bridge = ""
+        self.cni_conf = Path()
         # What the host had before, to tell our leftovers from its own things.
         self._netns_before: set[str] = set()
         self._containerd_run_existed = True
@@ -613,6 +614,14 @@ class World:
         self.log(f"world: {self.base}")
 
         self._start_registry()
+        # One CNI network for both runtimes: the same conflist, bridge and
+        # host-local store (host-local locks it), so pod networking costs the
+        # same plugin work on both sides.
+        self.cni_conf = self.base / "cni"
+        self.cni_conf.mkdir()
+        (self.cni_conf / "10-pouch-bench.conflist").write_text(
+            cni_conflist(self.cni_network, self.bridge, self.base / "cni-ipam")
+        )
         self.runtimes.append(self._start_pouchd())
         if self.with_containerd:
             self.runtimes.append(self._start_containerd())
@@ -641,7 +650,8 @@ class World:
         config = home / "pouchd.toml"
         config.write_text(
             f"[registry]\ninsecure = [{_toml(self.registry.host)}]\n\n"
-            f"[runtime]\ndefault_cgroup_parent = {_toml(f'/{self.tag}/pouch')}\n"
+            f"[runtime]\ndefault_cgroup_parent = {_toml(f'/{self.tag}/pouch')}\n\n"
+            f"[network]\nconf_dir = {_toml(str(self.cni_conf))}\nuse_default = false\n"
         )
         socket_path = home / "pouch.sock"
         argv = [
@@ -686,11 +696,7 @@ class World:
             f"[host.{_toml(self.registry.url)}]\n"
             '  capabilities = ["pull", "resolve"]\n'
         )
-        cni_conf = home / "cni"
-        cni_conf.mkdir()
-        (cni_conf / "10-pouch-bench.conflist").write_text(
-            cni_conflist(self.cni_network, self.bridge, home / "cni-ipam")
-        )
+        cni_conf = self.cni_conf
         config = home / "config.toml"
         config.write_text(
             containerd_config(

@@ -136,10 +136,14 @@ class Pods:
     stop_timeout: int
     #: POD (shareProcessNamespace: true) or CONTAINER (the kubelet's default).
     pid_mode: api_pb2.NamespaceMode.ValueType = api_pb2.POD
+    #: NODE (hostNetwork: no CNI) or POD (a network namespace set up by CNI).
+    network_mode: api_pb2.NamespaceMode.ValueType = api_pb2.NODE
     counter: int = 0
 
     def namespaces(self) -> api_pb2.NamespaceOption:
-        return api_pb2.NamespaceOption(network=api_pb2.NODE, pid=self.pid_mode, ipc=api_pb2.POD)
+        return api_pb2.NamespaceOption(
+            network=self.network_mode, pid=self.pid_mode, ipc=api_pb2.POD
+        )
 
     def pod_config(self, target: Target) -> api_pb2.PodSandboxConfig:
         """A new pod's config; its log directory is made here, as the kubelet makes it."""
@@ -161,6 +165,7 @@ class Pods:
             metadata=api_pb2.PodSandboxMetadata(
                 name=name, uid=uid, namespace=POD_NAMESPACE, attempt=0
             ),
+            hostname=name if self.network_mode == api_pb2.POD else "",
             log_directory=str(log_dir),
             labels={"io.kubernetes.pod.name": name, "pouch-bench": "1"},
             linux=linux,
@@ -643,7 +648,8 @@ def _measure(
     """Preflight, latency, memory: everything that talks to the runtimes."""
     outcome = Outcome(targets=targets, image=image)
     pid_mode = api_pb2.POD if args.pid_namespace == "pod" else api_pb2.CONTAINER
-    pods = Pods(image, log_root, args.timeout, args.stop_timeout, pid_mode)
+    network_mode = api_pb2.POD if args.pod_network == "cni" else api_pb2.NODE
+    pods = Pods(image, log_root, args.timeout, args.stop_timeout, pid_mode, network_mode)
     cyclers = {t.label: Cycler(t, pods) for t in targets}
 
     for target in targets:
@@ -865,7 +871,11 @@ def _report(
             "image": outcome.image,
             "world": args.world,
             "reference": reference,
-            "network": "host (NamespaceOption.network = NODE)",
+            "network": (
+                "CNI (bridge + host-local, the same conflist for every runtime)"
+                if args.pod_network == "cni"
+                else "host (NamespaceOption.network = NODE)"
+            ),
         }
         document = common.build_report(
             "lifecycle",
@@ -996,6 +1006,13 @@ def build_parser() -> argparse.ArgumentParser:
         "process is PID 1, and sleep dies of StopContainer's SIGTERM) or 'container' (the "
         "kubelet's default: sleep is PID 1, ignores SIGTERM, and StopContainer waits its "
         "timeout)",
+    )
+    parser.add_argument(
+        "--pod-network",
+        choices=("host", "cni"),
+        default="host",
+        help="'host': hostNetwork pods, no CNI; 'cni': each pod gets a network namespace "
+        "and a CNI bridge network (with --world, the same conflist for both runtimes)",
     )
     parser.add_argument(
         "--stop-timeout", type=_non_negative, default=2, help="StopContainer's timeout, seconds"

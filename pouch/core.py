@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from pouch import __version__
+from pouch.container.stats import StatsSampler
 
 if TYPE_CHECKING:
     from pouch.config import Config
@@ -29,6 +30,9 @@ class Core:
     images: ImageManager
     containers: ContainerManager
     network: NetworkManager
+    #: One sampler for the daemon: it keeps CPU samples for usage_nano_cores
+    #: and pyroute2 handles on the pods' namespaces.
+    stats: StatsSampler = attrs.field(factory=StatsSampler)
     version: str = __version__
     #: Wall-clock start, in seconds since the epoch.
     started_at: float = attrs.field(factory=time.time)

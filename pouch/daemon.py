@@ -143,6 +143,8 @@ async def run(
                         trio.current_time() + config.shutdown_grace_period
                     )
                 root.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await core.stats.aclose()
         log.info("pouchd stopped")
     finally:
         if sock is not None:

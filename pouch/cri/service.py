@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
 from pouch._util import failpoints
-from pouch.cri import container, events, exec, extensions, image, runtime, sandbox
+from pouch.cri import container, events, exec, extensions, image, runtime, sandbox, stats
 from pouch.cri._bridge import Servable, servable
 from pouch.cri._instrument import CallGate, Impl, instrument
 from pouch.cri._pb.runtime import v1 as pb
@@ -57,6 +57,15 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "UpdateContainerResources": events.update_container_resources,
     "ReopenContainerLog": events.reopen_container_log,
     "CheckpointContainer": events.checkpoint_container,
+    "ContainerStats": stats.container_stats,
+    "ListContainerStats": stats.list_container_stats,
+    "StreamContainerStats": stats.stream_container_stats,
+    "PodSandboxStats": stats.pod_sandbox_stats,
+    "ListPodSandboxStats": stats.list_pod_sandbox_stats,
+    "StreamPodSandboxStats": stats.stream_pod_sandbox_stats,
+    "ListMetricDescriptors": stats.list_metric_descriptors,
+    "ListPodSandboxMetrics": stats.list_pod_sandbox_metrics,
+    "StreamPodSandboxMetrics": stats.stream_pod_sandbox_metrics,
 }
 
 

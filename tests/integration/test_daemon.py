@@ -53,6 +53,15 @@ IMPLEMENTED = {
     "StreamPodSandboxes",
     "StreamContainers",
     "StreamImages",
+    "ContainerStats",
+    "ListContainerStats",
+    "StreamContainerStats",
+    "PodSandboxStats",
+    "ListPodSandboxStats",
+    "StreamPodSandboxStats",
+    "ListMetricDescriptors",
+    "ListPodSandboxMetrics",
+    "StreamPodSandboxMetrics",
 }
 
 

@@ -222,3 +222,94 @@ def test_checkpoint_fails_clearly_where_the_host_cannot(cri, tmp_path):
         assert "cannot checkpoint" in err.value.details()
         assert "criu" in err.value.details()
         assert not archive.exists()
+
+
+def test_stats_show_cpu_memory_and_network(cri):
+    pc = cri.pod_config("stats")
+    sid, pc = cri.run_pod(pc)
+    busy = cri.create(sid, pc, ["sh", "-c", "while :; do :; done"], name="busy")
+    mem = cri.create(
+        sid,
+        pc,
+        ["sh", "-c", "dd if=/dev/zero bs=48M count=1 | sleep 1000"],
+        name="mem",
+        linux=api_pb2.LinuxContainerConfig(
+            resources=api_pb2.LinuxContainerResources(memory_limit_in_bytes=256 << 20)
+        ),
+    )
+    web = cri.create(
+        sid,
+        pc,
+        ["sh", "-c", "mkdir -p /w && echo hi > /w/index.html && exec httpd -f -p 8080 -h /w"],
+        name="web",
+    )
+    for cid in (busy, mem, web):
+        cri.start(cid)
+    first = cri.rt.ContainerStats(api_pb2.ContainerStatsRequest(container_id=busy), timeout=30)
+    assert first.stats.cpu.usage_core_nano_seconds.value > 0
+    time.sleep(1.5)
+    second = cri.rt.ContainerStats(api_pb2.ContainerStatsRequest(container_id=busy), timeout=30)
+    assert second.stats.cpu.usage_nano_cores.value > 0.5e9
+    assert second.stats.attributes.metadata.name == "busy"
+    assert second.stats.writable_layer.used_bytes.value >= 0
+    listed = cri.rt.ListContainerStats(
+        api_pb2.ListContainerStatsRequest(filter=api_pb2.ContainerStatsFilter(pod_sandbox_id=sid)),
+        timeout=30,
+    ).stats
+    by_name = {s.attributes.metadata.name: s for s in listed}
+    assert set(by_name) == {"busy", "mem", "web"}
+    assert by_name["mem"].memory.working_set_bytes.value > 40 << 20
+    assert by_name["mem"].memory.available_bytes.value < 256 << 20
+    # Traffic into the pod shows in its network counters.
+    ip = cri.rt.PodSandboxStatus(
+        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10
+    ).status.network.ip
+    import httpx
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            for _ in range(20):
+                httpx.get(f"http://{ip}:8080/", timeout=2)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    pod = cri.rt.PodSandboxStats(
+        api_pb2.PodSandboxStatsRequest(pod_sandbox_id=sid), timeout=30
+    ).stats
+    assert pod.linux.network.default_interface.name == "eth0"
+    assert pod.linux.network.default_interface.rx_bytes.value > 1000
+    assert pod.linux.network.default_interface.tx_bytes.value > 1000
+    assert {c.attributes.metadata.name for c in pod.linux.containers} == {"busy", "mem", "web"}
+    assert pod.linux.process.process_count.value >= 3
+    listed_pods = cri.rt.ListPodSandboxStats(api_pb2.ListPodSandboxStatsRequest(), timeout=30).stats
+    assert [p.attributes.id for p in listed_pods] == [sid]
+
+
+def test_metrics(cri):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"])
+    cri.start(cid)
+    descriptors = cri.rt.ListMetricDescriptors(api_pb2.ListMetricDescriptorsRequest(), timeout=10)
+    names = {d.name for d in descriptors.descriptors}
+    for expected in (
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+        "container_network_receive_bytes_total",
+        "container_network_transmit_bytes_total",
+        "container_start_time_seconds",
+    ):
+        assert expected in names
+    metrics = cri.rt.ListPodSandboxMetrics(api_pb2.ListPodSandboxMetricsRequest(), timeout=30)
+    (pod,) = metrics.pod_metrics
+    assert pod.pod_sandbox_id == sid
+    assert any(m.name == "container_network_receive_bytes_total" for m in pod.metrics)
+    (ctr,) = pod.container_metrics
+    assert ctr.container_id == cid
+    by_name = {m.name: m for m in ctr.metrics}
+    assert by_name["container_memory_working_set_bytes"].value.value > 0
+    for m in ctr.metrics:
+        assert len(m.label_values) == len(
+            next(d for d in descriptors.descriptors if d.name == m.name).label_keys
+        )
