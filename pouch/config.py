@@ -144,6 +144,14 @@ class NetworkConfig:
 
 
 @attrs.frozen
+class MetricsConfig:
+    #: Serve Prometheus metrics at http://<address>:<port>/metrics.
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9099
+
+
+@attrs.frozen
 class Config:
     #: Persistent state: the database, content store, snapshots.
     root: Path = Path("/var/lib/pouch")
@@ -158,6 +166,7 @@ class Config:
     image: ImageStoreConfig = ImageStoreConfig()
     runtime: ContainerRuntimeConfig = ContainerRuntimeConfig()
     network: NetworkConfig = NetworkConfig()
+    metrics: MetricsConfig = MetricsConfig()
     registry: RegistryConfig = RegistryConfig()
 
     @property

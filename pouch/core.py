@@ -38,3 +38,5 @@ class Core:
     started_at: float = attrs.field(factory=time.time)
     #: Where the stream server listens, once it does ("host:port").
     stream_address: str | None = None
+    #: Where the Prometheus endpoint listens, when enabled.
+    metrics_address: str | None = None

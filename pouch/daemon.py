@@ -34,6 +34,7 @@ from pouch.cri._instrument import CallGate
 from pouch.image.manager import SCHEMA as IMAGE_SCHEMA
 from pouch.image.manager import ImageManager
 from pouch.log import get_logger
+from pouch.metrics import StateCollector, registered, serve_metrics
 from pouch.network.manager import NetworkManager
 from pouch.store.db import Database
 from pouch.stream.server import serve_streams
@@ -111,7 +112,11 @@ async def run(
         sock = bind_socket(config.grpc.address)
         core = await trio.to_thread.run_sync(open_core, config)
         gate = CallGate()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        state_metrics = StateCollector(core.containers.state_counts)
+        with (
+            trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+            registered(state_metrics),
+        ):
             async with trio.open_nursery() as root:
                 await root.start(core.images.run)
                 await root.start(core.network.run)
@@ -132,6 +137,10 @@ async def run(
                             stop,
                             config.shutdown_grace_period,
                         )
+                        if config.metrics.enabled:
+                            core.metrics_address = await servers.start(
+                                serve_metrics, config.metrics.address, config.metrics.port, stop
+                            )
                         log.info("pouchd ready", version=core.version, pid=os.getpid())
                         task_status.started(Endpoints(config.grpc.address, stream_address))
                         async for signum in signals:

@@ -1125,6 +1125,16 @@ class ContainerManager:
             out.append(c)
         return sorted(out, key=lambda c: c.created_at)
 
+    def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Pods and containers by state (for the metrics endpoint)."""
+        pods: dict[str, int] = {state.value: 0 for state in SandboxState}
+        for s in self.sandboxes.values():
+            pods[s.state.value] += 1
+        containers: dict[str, int] = {state.value: 0 for state in ContainerState}
+        for c in self.containers.values():
+            containers[c.state.value] += 1
+        return pods, containers
+
     def sandbox(self, sandbox_id: str) -> Sandbox:
         return self.sandboxes[self.sandbox_id(sandbox_id)]
 

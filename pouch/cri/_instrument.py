@@ -21,6 +21,7 @@ from grpclib.exceptions import GRPCError
 from pouch import errors
 from pouch._util import failpoints
 from pouch.log import get_logger
+from pouch.metrics import RPC_DURATION
 
 log = get_logger("pouch.cri")
 
@@ -165,12 +166,14 @@ def instrument(
             code = Status.CANCELLED
             raise
         finally:
+            elapsed = time.perf_counter() - started
+            RPC_DURATION.labels(rpc, code.name).observe(elapsed)
             emit = log.debug if quiet and code is Status.OK else log.info
             emit(
                 "rpc",
                 rpc=rpc,
                 code=code.name,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=round(elapsed * 1000, 3),
                 **fields,
             )
 

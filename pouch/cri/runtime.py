@@ -46,6 +46,7 @@ async def status(core: Core, req: pb.StatusRequest) -> pb.StatusResponse:
                 "state": str(core.config.state),
                 "socket": str(core.config.grpc.address),
                 "streamServer": core.stream_address,
+                "metricsServer": core.metrics_address,
                 "cgroupDriver": core.config.cgroup.driver.value,
                 "startedAt": core.started_at,
             }

@@ -36,6 +36,7 @@ from pouch.image.registry import Credentials, RegistryClient, Resolved
 from pouch.image.store import ContentStore, SnapshotStore, rmtree, usage_sync
 from pouch.image.unpack import apply_layer
 from pouch.log import get_logger
+from pouch.metrics import PULL_BYTES, PULL_DURATION
 
 if TYPE_CHECKING:
     import sqlite3
@@ -283,6 +284,7 @@ class ImageManager:
             names = [(str(ref), "tag")] if ref.tag is not None else []
             names.append((f"{ref.name}@{resolved.digest}", "digest"))
             await self._record(manifest, resolved.manifest_digest, config, blobs, names)
+        PULL_DURATION.observe(time.monotonic() - started)
         log.info(
             "pulled image",
             image=str(ref),
@@ -380,6 +382,7 @@ class ImageManager:
                 ):
                     async for chunk in chunks:
                         await w.write(chunk)
+                        PULL_BYTES.inc(len(chunk))
                         layer.done = w.written
                         progress.touch()
             layer.state = "unpacking"

@@ -423,3 +423,26 @@ def test_status_reports_runtime_handlers_and_features(runtime):
     assert names == ["", "crun", "runc"]
     assert all(not h.features.user_namespaces for h in resp.runtime_handlers)
     assert resp.features.supplemental_groups_policy is True
+
+
+def test_prometheus_endpoint(make_daemon):
+    d = make_daemon(config="[metrics]\nenabled = true\nport = 0\n").start()
+    with d.channel() as ch:
+        rt = api_pb2_grpc.RuntimeServiceStub(ch)
+        for _ in range(3):
+            rt.Version(api_pb2.VersionRequest(), timeout=5)
+        info = json.loads(rt.Status(api_pb2.StatusRequest(verbose=True), timeout=5).info["config"])
+    text = httpx.get(f"http://{info['metricsServer']}/metrics", timeout=5).text
+    # The fixture's readiness probe calls Version too.
+    count = re.search(r'pouch_rpc_duration_seconds_count\{code="OK",rpc="Version"\} (\d+)', text)
+    assert count is not None
+    assert int(count.group(1)) >= 3
+    assert 'pouch_pods{state="ready"} 0.0' in text
+    assert 'pouch_containers{state="running"} 0.0' in text
+    assert "pouch_image_pull_bytes_total" in text
+    assert "process_resident_memory_bytes" in text
+
+
+def test_prometheus_endpoint_is_off_by_default(runtime):
+    info = json.loads(runtime.Status(api_pb2.StatusRequest(verbose=True), timeout=5).info["config"])
+    assert info["metricsServer"] is None
