@@ -996,6 +996,29 @@ class ContainerManager:
 
         await self._pod(c.sandbox_id).call(update)
 
+    async def update_pod_resources(
+        self,
+        sandbox_id: str,
+        overhead: LinuxResources | None,
+        resources: LinuxResources | None,
+    ) -> None:
+        """Record the pod's overhead and resources (cri-api UpdatePodSandboxResources).
+
+        Pouch does not manage pod-level cgroups (the kubelet does, through
+        the cgroup parent), so the values are kept and reported, not applied.
+        """
+        s = self.sandbox(sandbox_id)
+
+        async def update() -> None:
+            s.config = attrs.evolve(
+                s.config,
+                overhead=overhead if overhead is not None else s.config.overhead,
+                resources=resources if resources is not None else s.config.resources,
+            )
+            await self._save(s)
+
+        await self._pod(s.sandbox_id).call(update)
+
     async def reopen_log(self, container_id: str) -> None:
         """Ask conmon to reopen the log file; return once the new file exists.
 

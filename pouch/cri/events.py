@@ -96,3 +96,17 @@ async def checkpoint_container(
 ) -> pb.CheckpointContainerResponse:
     await core.containers.checkpoint(require_id(req.container_id, "container_id"), req.location)
     return pb.CheckpointContainerResponse()
+
+
+async def update_pod_sandbox_resources(
+    core: Core, req: pb.UpdatePodSandboxResourcesRequest
+) -> pb.UpdatePodSandboxResourcesResponse:
+    sandbox_id = require_id(req.pod_sandbox_id, "pod_sandbox_id")
+    overhead = (
+        _convert.to_linux_resources(req.overhead, "overhead") if req.is_set("overhead") else None
+    )
+    resources = (
+        _convert.to_linux_resources(req.resources, "resources") if req.is_set("resources") else None
+    )
+    await core.containers.update_pod_resources(sandbox_id, overhead, resources)
+    return pb.UpdatePodSandboxResourcesResponse()

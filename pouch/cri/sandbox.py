@@ -7,6 +7,8 @@ import contextlib
 import json
 from typing import TYPE_CHECKING
 
+import attrs
+
 from pouch import errors
 from pouch.container.manager import SandboxState
 from pouch.cri import _convert
@@ -14,7 +16,7 @@ from pouch.cri._pb.runtime import v1 as pb
 
 if TYPE_CHECKING:
     from pouch.container.manager import Sandbox
-    from pouch.container.model import NamespaceMode
+    from pouch.container.model import LinuxResources, NamespaceMode
     from pouch.core import Core
 
 _STATES = {
@@ -22,6 +24,10 @@ _STATES = {
     SandboxState.NOTREADY: pb.PodSandboxState.from_string("SANDBOX_NOTREADY"),
     SandboxState.CREATING: pb.PodSandboxState.from_string("SANDBOX_NOTREADY"),
 }
+
+
+def _resources_json(res: LinuxResources | None) -> dict[str, object] | None:
+    return None if res is None else {k: v for k, v in attrs.asdict(res).items() if v}
 
 
 def require_id(value: str, field: str) -> str:
@@ -101,6 +107,8 @@ async def pod_sandbox_status(
                 "runtimeHandler": s.handler,
                 "netNamespacePath": s.netns_path or "",
                 "runtimeSpec": s.spec,
+                "overhead": _resources_json(s.config.overhead),
+                "resources": _resources_json(s.config.resources),
             }
         )
     return pb.PodSandboxStatusResponse(status=to_pb_status(s), info=info)

@@ -57,6 +57,7 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "UpdateContainerResources": events.update_container_resources,
     "ReopenContainerLog": events.reopen_container_log,
     "CheckpointContainer": events.checkpoint_container,
+    "UpdatePodSandboxResources": events.update_pod_sandbox_resources,
     "ContainerStats": stats.container_stats,
     "ListContainerStats": stats.list_container_stats,
     "StreamContainerStats": stats.stream_container_stats,

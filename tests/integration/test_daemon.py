@@ -62,6 +62,7 @@ IMPLEMENTED = {
     "ListMetricDescriptors",
     "ListPodSandboxMetrics",
     "StreamPodSandboxMetrics",
+    "UpdatePodSandboxResources",
 }
 
 

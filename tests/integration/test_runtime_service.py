@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -313,3 +314,27 @@ def test_metrics(cri):
         assert len(m.label_values) == len(
             next(d for d in descriptors.descriptors if d.name == m.name).label_keys
         )
+
+
+def test_update_pod_sandbox_resources_is_recorded(cri):
+    sid, _ = cri.run_pod()
+    cri.rt.UpdatePodSandboxResources(
+        api_pb2.UpdatePodSandboxResourcesRequest(
+            pod_sandbox_id=sid,
+            resources=api_pb2.LinuxContainerResources(
+                cpu_shares=256, memory_limit_in_bytes=1 << 30
+            ),
+        ),
+        timeout=30,
+    )
+    info = json.loads(
+        cri.rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True), timeout=10
+        ).info["info"]
+    )
+    assert info["resources"] == {"cpu_shares": 256, "memory_limit_in_bytes": 1 << 30}
+    with pytest.raises(grpc.RpcError) as err:
+        cri.rt.UpdatePodSandboxResources(
+            api_pb2.UpdatePodSandboxResourcesRequest(pod_sandbox_id="9" * 64), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
