@@ -223,9 +223,9 @@ class Runtime:
         self._conmon = conmon
         self._command_timeout = command_timeout
         self._create_timeout = create_timeout
-        self._env = {"PATH": _DEFAULT_PATH}
+        self.env = {"PATH": _DEFAULT_PATH}
         if "XDG_RUNTIME_DIR" in os.environ:
-            self._env["XDG_RUNTIME_DIR"] = os.environ["XDG_RUNTIME_DIR"]
+            self.env["XDG_RUNTIME_DIR"] = os.environ["XDG_RUNTIME_DIR"]
 
     # ------------------------------------------------------------------
     # create
@@ -377,7 +377,7 @@ class Runtime:
                     capture_stderr=True,
                     check=False,
                     cwd=bundle,
-                    env={**self._env, "_OCI_SYNCPIPE": str(write_fd)},
+                    env={**self.env, "_OCI_SYNCPIPE": str(write_fd)},
                     pass_fds=(write_fd,),
                 )
             finally:
@@ -578,13 +578,13 @@ class Runtime:
         bundle = state.get("bundle")
         if not isinstance(init_pid, int) or not isinstance(bundle, str):
             raise RuntimeFailed([str(self.handler.binary), "state"], 0, "state lacks pid or bundle")
-        process = await trio.to_thread.run_sync(_exec_process, Path(bundle), argv, env, cwd)
+        process = await trio.to_thread.run_sync(exec_process, Path(bundle), argv, env, cwd)
         with tempfile.TemporaryDirectory(prefix="pouch-exec-") as tmp:
             process_json = Path(tmp) / "process.json"
             pidfile = Path(tmp) / "exec.pid"
             process_json.write_text(json.dumps(process))
             args = [
-                *self._global_args(),
+                *self.global_args(),
                 "exec",
                 "--process", str(process_json),
                 "--pid-file", str(pidfile),
@@ -606,7 +606,7 @@ class Runtime:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=self._env,
+            env=self.env,
         )
         assert proc.stdout is not None
         assert proc.stderr is not None
@@ -621,7 +621,7 @@ class Runtime:
                 if budget.cancelled_caught:
                     timed_out = True
                     with trio.CancelScope(shield=True):
-                        await _kill_exec(proc, pidfile, init_pid)
+                        await kill_exec(proc, pidfile, init_pid)
                 # The runtime is gone; a background child of the command may
                 # still hold the pipes open.  Stop reading after a moment.
                 nursery.cancel_scope.deadline = min(
@@ -630,7 +630,7 @@ class Runtime:
         finally:
             with trio.CancelScope(shield=True):
                 if proc.returncode is None:  # Cancelled, or an error: clean up.
-                    await _kill_exec(proc, pidfile, init_pid)
+                    await kill_exec(proc, pidfile, init_pid)
                 await proc.stdout.aclose()
                 await proc.stderr.aclose()
         code = proc.returncode
@@ -647,7 +647,8 @@ class Runtime:
     # Helpers
     # ------------------------------------------------------------------
 
-    def _global_args(self) -> builtins.list[str]:
+    def global_args(self) -> builtins.list[str]:
+        """The runtime's global flags (``--root``, ``--systemd-cgroup``)."""
         args = ["--root", str(self.handler.root)]
         if self.handler.systemd_cgroup:
             args.append("--systemd-cgroup")
@@ -660,7 +661,7 @@ class Runtime:
     async def _run(
         self, args: Sequence[str], *, stdin: bytes = b""
     ) -> tuple[builtins.list[str], subprocess.CompletedProcess[bytes]]:
-        argv = [str(self.handler.binary), *self._global_args(), *args]
+        argv = [str(self.handler.binary), *self.global_args(), *args]
         try:
             with trio.fail_after(self._command_timeout):
                 proc = await trio.run_process(
@@ -669,7 +670,7 @@ class Runtime:
                     capture_stdout=True,
                     capture_stderr=True,
                     check=False,
-                    env=self._env,
+                    env=self.env,
                 )
         except trio.TooSlowError as exc:
             raise RuntimeFailed(argv, -1, f"timed out after {self._command_timeout:g}s") from exc
@@ -741,7 +742,7 @@ def _parse_sync_message(argv: Sequence[str], line: bytes) -> tuple[int, str]:
 # --------------------------------------------------------------------------
 
 
-def _exec_process(
+def exec_process(
     bundle: Path, argv: Sequence[str], env: Sequence[str], cwd: str | None
 ) -> JSONObject:
     """The ``process`` for ``<runtime> exec --process``: the container's, adapted.
@@ -799,7 +800,7 @@ class _Capture:
                 self.data += chunk
 
 
-async def _kill_exec(proc: trio.Process, pidfile: Path, init_pid: int) -> None:
+async def kill_exec(proc: trio.Process, pidfile: Path, init_pid: int) -> None:
     """Kill an exec'd process tree, then make sure the runtime has exited."""
     pid = monitor.read_pidfile(pidfile)
     if pid is None and proc.returncode is None:
