@@ -61,6 +61,13 @@ class StreamConfig:
     address: str = "127.0.0.1"
     #: 0 picks an ephemeral port, reported in the logs and by ``Status``.
     port: int = 0
+    #: A URL from Exec/Attach/PortForward is good for one use within this time.
+    token_ttl: float = 60.0
+    #: A session that moves no byte for this long is closed (kubelet's
+    #: ``--streaming-connection-idle-timeout``).
+    idle_timeout: float = 4 * 3600.0
+    #: After the upgrade, the client must open its streams within this time.
+    stream_creation_timeout: float = 30.0
 
 
 @attrs.frozen

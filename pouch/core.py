@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pouch.image.manager import ImageManager
     from pouch.network.manager import NetworkManager
     from pouch.store.db import Database
+    from pouch.stream.server import StreamServer
 
 
 @attrs.define
@@ -30,6 +31,7 @@ class Core:
     images: ImageManager
     containers: ContainerManager
     network: NetworkManager
+    streams: StreamServer
     #: One sampler for the daemon: it keeps CPU samples for usage_nano_cores
     #: and pyroute2 handles on the pods' namespaces.
     stats: StatsSampler = attrs.field(factory=StatsSampler)

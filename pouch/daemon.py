@@ -7,7 +7,7 @@
     └── handlers nursery             in-flight stream sessions
         └── servers nursery
             ├── serve_cri            gRPC on the unix socket (trio_asyncio)
-            └── serve_streams        HTTP listener for exec/attach/port-forward
+            └── StreamServer.serve   HTTP listener for exec/attach/port-forward
 
 A crash anywhere cancels its siblings and the daemon exits non-zero.  On
 SIGTERM or SIGINT the servers stop accepting, in-flight calls get the grace
@@ -37,7 +37,9 @@ from pouch.log import get_logger
 from pouch.metrics import StateCollector, registered, serve_metrics
 from pouch.network.manager import NetworkManager
 from pouch.store.db import Database
-from pouch.stream.server import serve_streams
+from pouch.stream.backend import ContainerStreams
+from pouch.stream.server import StreamServer
+from pouch.stream.session import SessionLimits
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -94,7 +96,16 @@ def open_core(config: Config) -> Core:
     )
     containers = ContainerManager(config, db, images, network)
     containers.open_sync()
-    return Core(config, db, images, containers, network)
+    streams = StreamServer(
+        config.stream,
+        ContainerStreams(containers),
+        limits=SessionLimits(
+            token_ttl=config.stream.token_ttl,
+            idle_timeout=config.stream.idle_timeout,
+            stream_creation_timeout=config.stream.stream_creation_timeout,
+        ),
+    )
+    return Core(config, db, images, containers, network, streams)
 
 
 async def run(
@@ -124,9 +135,7 @@ async def run(
                 stop = trio.Event()
                 async with trio.open_nursery() as handlers:
                     async with trio.open_nursery() as servers:
-                        stream_address = await servers.start(
-                            serve_streams, config.stream, handlers, stop
-                        )
+                        stream_address = await servers.start(core.streams.serve, handlers, stop)
                         core.stream_address = stream_address
                         await servers.start(
                             serve_cri,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pouch import errors
 from pouch._util import failpoints
-from pouch.cri import container, events, exec, extensions, image, runtime, sandbox, stats
+from pouch.cri import container, events, exec, extensions, image, runtime, sandbox, stats, stream
 from pouch.cri._bridge import Servable, servable
 from pouch.cri._instrument import CallGate, Impl, instrument
 from pouch.cri._pb.runtime import v1 as pb
@@ -50,6 +50,9 @@ IMPLEMENTED: Final[dict[str, CoreImpl]] = {
     "ContainerStatus": container.container_status,
     "ListContainers": container.list_containers,
     "ExecSync": exec.exec_sync,
+    "Exec": stream.exec,
+    "Attach": stream.attach,
+    "PortForward": stream.port_forward,
     "GetContainerEvents": events.get_container_events,
     "StreamPodSandboxes": events.stream_pod_sandboxes,
     "StreamContainers": events.stream_containers,

@@ -63,6 +63,9 @@ IMPLEMENTED = {
     "ListPodSandboxMetrics",
     "StreamPodSandboxMetrics",
     "UpdatePodSandboxResources",
+    "Exec",
+    "Attach",
+    "PortForward",
 }
 
 
@@ -120,23 +123,30 @@ def test_runtime_config_systemd_driver(make_daemon):
     assert resp.linux.cgroup_driver == api_pb2.SYSTEMD
 
 
-def test_every_other_rpc_is_unimplemented_with_its_name(daemon):
-    """Each RPC not yet built answers UNIMPLEMENTED naming it (empty requests are valid)."""
+def _call_code(ch, path: str, streaming: bool) -> grpc.StatusCode:
+    try:
+        if streaming:
+            # GetContainerEvents never ends by itself: a deadline ends it.
+            list(ch.unary_stream(path)(b"", timeout=2))
+        else:
+            ch.unary_unary(path)(b"", timeout=10)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_no_rpc_of_the_schema_is_unimplemented(daemon):
+    """Every one of the 41 RPCs does real work: called with an empty request,
+    each answers (or rejects the request), none says UNIMPLEMENTED."""
+    seen = 0
     with daemon.channel() as ch:
         for service, rpc, streaming in all_rpcs():
-            if rpc in IMPLEMENTED:
-                continue
+            assert rpc in IMPLEMENTED, rpc
             path = f"/runtime.v1.{service}/{rpc}"
-            if streaming:
-                call = ch.unary_stream(path)
-                with pytest.raises(grpc.RpcError) as err:
-                    list(call(b"", timeout=5))
-            else:
-                call = ch.unary_unary(path)
-                with pytest.raises(grpc.RpcError) as err:
-                    call(b"", timeout=5)
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, rpc
-            assert rpc in err.value.details(), rpc
+            code = _call_code(ch, path, streaming)
+            assert code != grpc.StatusCode.UNIMPLEMENTED, rpc
+            seen += 1
+    assert seen == 41
 
 
 def test_unknown_method_is_unimplemented(daemon):
@@ -366,7 +376,9 @@ def test_print_config_shows_defaults_and_overrides(tmp_path):
     assert data["root"] == "/var/lib/pouch"
     assert data["state"] == "/run/pouch"
     assert data["grpc"]["address"] == "/tmp/x.sock"
-    assert data["stream"] == {"address": "127.0.0.1", "port": 10010}
+    assert data["stream"]["address"] == "127.0.0.1"
+    assert data["stream"]["port"] == 10010
+    assert data["stream"]["token_ttl"] == 60.0
     assert data["log"]["format"] == "json"
     assert data["shutdown_grace_period"] == 10.0
 
