@@ -925,7 +925,9 @@ class ContainerManager:
         else:
             await remove()
         log.info("container removed", container_id=container_id)
-        await self._images.collect_garbage()
+        if self._images.get(c.image_id) is None:
+            # Its image was removed while in use: its layers may be free now.
+            await self._images.collect_garbage()
 
     async def exec_sync(
         self,
