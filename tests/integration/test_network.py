@@ -263,3 +263,36 @@ def test_no_leaks_after_200_cycles_with_failures_and_kills(make_daemon, registry
     iptables = subprocess.run(["iptables-save"], capture_output=True, text=True, timeout=30).stdout
     assert not [sid for sid in sids if sid in iptables]
     shutil.rmtree(tmp_path / "plugins", ignore_errors=True)
+
+
+def test_dual_stack_pod_reports_ipv4_then_ipv6(make_daemon, registry, tmp_path):
+    bridge = "pouchv6test0"
+    conf, section = conf_dir_with(tmp_path)
+    conflist = json.loads(json.dumps(TEST_CNI_CONFLIST))
+    conflist["name"] = "pouch-test-v6"
+    plugin = conflist["plugins"][0]
+    plugin["bridge"] = bridge
+    plugin["ipam"] = {
+        "type": "host-local",
+        "ranges": [[{"subnet": "10.231.0.0/24"}], [{"subnet": "fd00:231::/64"}]],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+        "dataDir": str(tmp_path / "ipam"),
+    }
+    (conf / "10-v6.conflist").write_text(json.dumps(conflist))
+    d = make_daemon(config=f'[registry]\ninsecure = ["{registry.host}"]\n' + section).start()
+    cri = Client(d, registry)
+    cri.pull()
+    try:
+        sid, _cid = web_pod(cri, "dual")
+        status = cri.rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10
+        ).status
+        assert status.network.ip.startswith("10.231.0.")
+        (v6,) = [ip.ip for ip in status.network.additional_ips]
+        assert v6.startswith("fd00:231::")
+        # The pod answers on both families (DAD may delay the v6 address a little).
+        assert get(f"http://{status.network.ip}:8080/").strip() == "dual"
+        assert get(f"http://[{v6}]:8080/").strip() == "dual"
+    finally:
+        cri.cleanup()
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
