@@ -5,6 +5,9 @@ inspecting and removing images, for listing and inspecting pods and
 containers and for the version, and pouch's own API (``protos/pouch/v1``)
 for pulls with progress and for loading archives.  ``pouch logs`` reads the
 container's log file itself, as crictl does: it runs on the node, as root.
+``pouch exec``, ``attach`` and ``port-forward`` ask the CRI for a stream
+URL (Exec, Attach, PortForward) and speak kubectl's protocols to the stream
+server behind it, with `pouch.stream.client` (Trio, run per command).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final, TypeVar
 
 import click
 from rich.console import Console
@@ -44,7 +47,7 @@ from pouch.config import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
     from types import TracebackType
 
     import betterproto
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from pouch.cri._pb.pouch.v1 import PullProgress
     from pouch.cri._pb.runtime.v1 import Container, Image, PodSandbox
     from pouch.cri.client import Client
+    from pouch.stream.client import SessionResult
 
 
 def _pouchd_parser() -> argparse.ArgumentParser:
@@ -107,6 +111,8 @@ def pouchd_main(argv: list[str] | None = None) -> int:
 
 
 # ---- pouch ---------------------------------------------------------------------------
+
+T = TypeVar("T")
 
 #: Where ``pouch`` finds the daemon unless ``--socket`` says otherwise.
 DEFAULT_SOCKET: Final = GrpcConfig().address
@@ -537,6 +543,190 @@ def tail_count(ctx: click.Context, param: click.Parameter, value: str) -> int | 
     return count if count >= 0 else None
 
 
+# ---- exec, attach and port-forward ------------------------------------------------------
+
+#: How ``pouch exec``, ``attach`` and ``port-forward`` reach the stream server.
+STREAM_TRANSPORTS: Final = ("websocket", "spdy")
+#: Once its stdin has ended, ``pouch attach`` detaches when the container has
+#: written nothing for this many seconds (unless it exits first).
+ATTACH_LINGER: Final = 1.0
+#: How long ``pouch attach`` waits for a container that ended its output to exit.
+EXIT_CODE_WAIT: Final = 5.0
+#: The exit status when the reader of our output went away (a shell's 128 + SIGPIPE).
+SIGPIPE_STATUS: Final = 141
+_NO_TTY: Final = "Unable to use a TTY - input is not a terminal or the right kind of file"
+
+
+def parse_port_mapping(text: str) -> tuple[int, int]:
+    """``LOCAL:REMOTE``, ``:REMOTE`` (any free local port) or ``PORT`` (the same both sides).
+
+    Raises:
+        ValueError: not a mapping of ports (local 0..65535, remote 1..65535).
+    """
+    local_text, colon, remote_text = text.rpartition(":")
+    if not colon:
+        local_text = remote_text
+    local_text = local_text or "0"
+    if not (local_text.isdigit() and remote_text.isdigit()):
+        raise ValueError(f"{text!r} is not LOCAL:REMOTE, :REMOTE or PORT")
+    local, remote = int(local_text), int(remote_text)
+    if local >= 1 << 16:
+        raise ValueError(f"local port {local} is not in 0..65535")
+    if not 0 < remote < 1 << 16:
+        raise ValueError(f"remote port {remote} is not in 1..65535")
+    return local, remote
+
+
+def port_mappings(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[int, int]]:
+    """The PORTS of ``pouch port-forward``, parsed."""
+    try:
+        return [parse_port_mapping(value) for value in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def container_tty(info: dict[str, str]) -> bool:
+    """Whether a container runs on a terminal, from ContainerStatus's verbose info.
+
+    pouchd and containerd both put the OCI spec in ``info["info"]``
+    (``runtimeSpec.process.terminal``); containerd also the CRI config
+    (``config.tty``).
+    """
+    document = _json_or_text(info.get("info", ""))
+    if not isinstance(document, dict):
+        return False
+    spec = document.get("runtimeSpec")
+    process = spec.get("process") if isinstance(spec, dict) else None
+    if isinstance(process, dict) and "terminal" in process:
+        return bool(process["terminal"])
+    config = document.get("config")
+    return bool(config.get("tty")) if isinstance(config, dict) else False
+
+
+def resolve_container(client: Client, text: str) -> str:
+    """The id of the container *text* names (an id or a unique prefix of one)."""
+    container_id = resolve_id(text, (c.id for c in client.list_containers()), "container")
+    if container_id is None:
+        raise PouchError(f"no such container: {text}")
+    return container_id
+
+
+def resolve_pod(client: Client, text: str) -> str:
+    """The id of the pod *text* names: an id, a unique prefix of one, or a ready pod's name."""
+    pods = client.list_pod_sandboxes()
+    pod_id = resolve_id(text, (p.id for p in pods), "pod sandbox")
+    if pod_id is not None:
+        return pod_id
+    named = [
+        p.id
+        for p in pods
+        if p.metadata is not None
+        and p.metadata.name == text
+        and _state_word(p.state, POD_STATES) == "Ready"
+    ]
+    if len(named) > 1:
+        raise PouchError(f'pod name "{text}" is ambiguous: use its id')
+    if not named:
+        raise PouchError(f"no such pod sandbox: {text}")
+    return named[0]
+
+
+def run_trio(fn: Callable[[], Awaitable[T]]) -> T:
+    """``trio.run(fn)``, its errors out of their exception groups (KeyboardInterrupt first)."""
+    import trio
+
+    from pouch.stream.client import unwrap_group
+
+    try:
+        return trio.run(fn)
+    except BaseExceptionGroup as group:
+        raise unwrap_group(group) from None
+
+
+def stream_session(
+    url: str,
+    *,
+    stdin: bool,
+    tty: bool,
+    transport: str,
+    detach_keys: bool = False,
+    linger_after_stdin: float | None = None,
+) -> SessionResult:
+    """Run an exec or attach session on this process's stdio.
+
+    With *tty*, stdin (if it is a terminal) is put in raw mode for the
+    session and restored after, and the terminal's size is sent at the
+    start and on every SIGWINCH.  stderr is used only without *tty* (a
+    terminal merges it into stdout).
+
+    Raises:
+        PouchError: no session, or it broke.
+        BrokenPipeError: the reader of our output went away.
+    """
+    import trio
+
+    from pouch.stream import client as sc
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    source: sc.Source | None = sc.FileSource(sys.stdin.buffer) if stdin else None
+    if source is not None and detach_keys:
+        source = sc.DetachKeys(source)
+    stdout = sc.FileSink(sys.stdout.buffer)
+    stderr = None if tty else sc.FileSink(sys.stderr.buffer)
+    size_fd = next((fd for fd in (1, 0) if tty and os.isatty(fd)), None)
+
+    async def session() -> SessionResult:
+        async with trio.open_nursery() as nursery:
+            resizes = None
+            if size_fd is not None:
+                send, resizes = trio.open_memory_channel[tuple[int, int]](1)
+                nursery.start_soon(sc.watch_terminal_size, size_fd, send)
+            result = await sc.remote_command(
+                url,
+                stdin=source,
+                stdout=stdout,
+                stderr=stderr,
+                tty=tty,
+                resizes=resizes,
+                transport="spdy" if transport == "spdy" else "websocket",
+                linger_after_stdin=linger_after_stdin,
+            )
+            nursery.cancel_scope.cancel()
+        return result
+
+    raw = tty and stdin and os.isatty(0)
+    try:
+        with sc.RawTerminal(0) if raw else contextlib.nullcontext():
+            return run_trio(session)
+    except sc.StreamClientError as exc:
+        raise PouchError(str(exc)) from None
+    except trio.BrokenResourceError as exc:
+        raise BrokenPipeError(str(exc)) from None
+
+
+def _silence_stdout() -> None:
+    # The reader went away: point stdout at /dev/null so that flushing it at
+    # exit fails no more.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def wait_exit_code(client: Client, container_id: str, *, wait: float = EXIT_CODE_WAIT) -> int:
+    """The exit code of a container whose output ended; 0 if it still runs after *wait*."""
+    deadline = time.monotonic() + wait
+    while True:
+        status = client.container_status(container_id).status
+        if _state_word(status.state, CONTAINER_STATES) == "Exited":
+            return status.exit_code
+        if time.monotonic() >= deadline:
+            return 0
+        time.sleep(0.05)
+
+
 class PouchError(click.ClickException):
     """A command's failure, shown as ``pouch: <message>``; exit status 1."""
 
@@ -637,7 +827,7 @@ class PullView:
 @click.version_option(__version__, prog_name="pouch", message="%(prog)s %(version)s")
 @click.pass_context
 def pouch_cli(ctx: click.Context, socket: Path) -> None:
-    """Pouch command-line client: images, pods, containers and logs, from pouchd."""
+    """Pouch command-line client: images, pods, containers, logs and exec, from pouchd."""
     # Imported here: pouchd shares this module and never needs grpcio.
     from pouch.cri.client import Client
 
@@ -876,6 +1066,166 @@ def logs_command(
             os.dup2(devnull, sys.stdout.fileno())
     except OSError as exc:
         raise PouchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return 0
+
+
+@pouch_cli.command(
+    "exec", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True}
+)
+@click.option("--stdin", "-i", "interactive", is_flag=True, help="Pass stdin to the command.")
+@click.option(
+    "--tty", "-t", is_flag=True, help="Run the command on a terminal (with -i on a terminal)."
+)
+@click.option(
+    "--transport",
+    type=click.Choice(STREAM_TRANSPORTS),
+    default="websocket",
+    show_default=True,
+    help="How to reach the stream server: WebSocket (v5, else v4) or SPDY/3.1.",
+)
+@click.argument("container")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_command(
+    client: Client,
+    interactive: bool,
+    tty: bool,
+    transport: str,
+    container: str,
+    cmd: tuple[str, ...],
+) -> int:
+    """Run CMD in a running container; exit with its exit code.
+
+    CONTAINER is an id or a unique prefix of one.  stdout and stderr are
+    the command's (one stream on a terminal); -i passes stdin, and its end
+    is the command's.  As with kubectl, -t takes effect only with -i and a
+    terminal as stdin, which is then in raw mode until the command ends.
+    """
+    if cmd[:1] == ("--",):
+        cmd = cmd[1:]
+    if not cmd:
+        raise click.UsageError("a command is required")
+    if tty and interactive and not os.isatty(0):
+        click.echo(_NO_TTY, err=True)
+    tty = tty and interactive and os.isatty(0)
+    container_id = resolve_container(client, container)
+    url = client.exec(
+        container_id, list(cmd), tty=tty, stdin=interactive, stdout=True, stderr=not tty
+    )
+    try:
+        result = stream_session(url, stdin=interactive, tty=tty, transport=transport)
+    except BrokenPipeError:
+        _silence_stdout()
+        return SIGPIPE_STATUS
+    status = result.status
+    assert status is not None  # An exec never detaches.
+    if not status.exited:
+        click.echo(f"pouch: {status.message}", err=True)
+    return status.code
+
+
+@pouch_cli.command("attach")
+@click.option("--no-stdin", is_flag=True, help="Do not pass stdin to the container.")
+@click.option(
+    "--transport",
+    type=click.Choice(STREAM_TRANSPORTS),
+    default="websocket",
+    show_default=True,
+    help="How to reach the stream server: WebSocket (v5, else v4) or SPDY/3.1.",
+)
+@click.argument("container")
+@click.pass_obj
+def attach_command(client: Client, no_stdin: bool, transport: str, container: str) -> int:
+    """Attach to a running container's stdio; exit with its exit code if it exits.
+
+    CONTAINER is an id or a unique prefix of one.  A container on a
+    terminal gets this terminal, in raw mode: Ctrl-P Ctrl-Q detaches.  The
+    end of stdin is passed on (a container created with stdin_once sees its
+    stdin end); then pouch attach detaches once the container has been
+    quiet for a second.  Detaching leaves the container running: exit 0.
+    """
+    container_id = resolve_container(client, container)
+    tty = container_tty(client.container_status(container_id, verbose=True).info)
+    stdin = not no_stdin
+    url = client.attach(container_id, tty=tty, stdin=stdin, stdout=True, stderr=not tty)
+    keys = tty and stdin and os.isatty(0)
+    try:
+        result = stream_session(
+            url,
+            stdin=stdin,
+            tty=tty,
+            transport=transport,
+            detach_keys=keys,
+            linger_after_stdin=ATTACH_LINGER,
+        )
+    except BrokenPipeError:
+        _silence_stdout()
+        return SIGPIPE_STATUS
+    if result.detached:
+        return 0
+    status = result.status
+    assert status is not None
+    if not status.success:
+        click.echo(f"pouch: {status.message}", err=True)
+        return status.code
+    return wait_exit_code(client, container_id)
+
+
+@pouch_cli.command("port-forward")
+@click.option(
+    "--address", default="127.0.0.1", show_default=True, help="The local address to listen on."
+)
+@click.option(
+    "--transport",
+    type=click.Choice(STREAM_TRANSPORTS),
+    default="spdy",
+    show_default=True,
+    help="SPDY/3.1 on the upgraded connection, or SPDY tunnelled in WebSocket.",
+)
+@click.argument("pod")
+@click.argument("ports", nargs=-1, required=True, callback=port_mappings)
+@click.pass_obj
+def port_forward_command(
+    client: Client, address: str, transport: str, pod: str, ports: list[tuple[int, int]]
+) -> int:
+    """Forward local ports to a pod's ports until interrupted (Ctrl-C).
+
+    POD is a pod sandbox's id, a unique prefix of one, or a ready pod's
+    name.  PORTS are LOCAL:REMOTE, :REMOTE (any free local port) or PORT
+    (the same on both sides).  Every local connection is a new connection
+    to the port in the pod, in the pod's network namespace, over one
+    session with pouchd's stream server.
+    """
+    from pouch.stream import client as sc
+
+    pod_id = resolve_pod(client, pod)
+    url = client.port_forward(pod_id)
+
+    def listening(host: str, local: int, remote: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"Forwarding from {shown}:{local} -> {remote}")
+
+    def failed(port: int, message: str) -> None:
+        click.echo(f"pouch: error forwarding port {port}: {message}", err=True)
+
+    async def forward() -> None:
+        await sc.port_forward(
+            url,
+            ports,
+            address=address,
+            transport="websocket" if transport == "websocket" else "spdy",
+            on_listening=listening,
+            on_error=failed,
+        )
+
+    try:
+        run_trio(forward)
+    except KeyboardInterrupt:
+        return 0
+    except sc.StreamClientError as exc:
+        raise PouchError(str(exc)) from None
+    except OSError as exc:
+        raise PouchError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     return 0
 
 

@@ -182,6 +182,67 @@ class Client:
             timeout=self.timeout,
         )
 
+    # ---- streaming: each call answers with a single-use URL on the stream server -----
+
+    def exec(
+        self,
+        container_id: str,
+        cmd: list[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        stdout: bool = True,
+        stderr: bool = True,
+    ) -> str:
+        """The URL of an exec session running *cmd* in a running container."""
+        response = self._unary(
+            f"{_RUNTIME}/Exec",
+            cri.ExecRequest(
+                container_id=container_id,
+                cmd=cmd,
+                tty=tty,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+            ),
+            cri.ExecResponse,
+            timeout=self.timeout,
+        )
+        return response.url
+
+    def attach(
+        self,
+        container_id: str,
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        stdout: bool = True,
+        stderr: bool = True,
+    ) -> str:
+        """The URL of an attach session to a running container's stdio."""
+        response = self._unary(
+            f"{_RUNTIME}/Attach",
+            cri.AttachRequest(
+                container_id=container_id, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr
+            ),
+            cri.AttachResponse,
+            timeout=self.timeout,
+        )
+        return response.url
+
+    def port_forward(self, pod_sandbox_id: str, ports: list[int] | None = None) -> str:
+        """The URL of a port-forward session into a ready pod.
+
+        *ports* may be empty: over SPDY the client names the port per connection.
+        """
+        response = self._unary(
+            f"{_RUNTIME}/PortForward",
+            cri.PortForwardRequest(pod_sandbox_id=pod_sandbox_id, port=list(ports or [])),
+            cri.PortForwardResponse,
+            timeout=self.timeout,
+        )
+        return response.url
+
     # ---- pouch.v1 ---------------------------------------------------------------
 
     def pull(

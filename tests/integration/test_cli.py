@@ -10,17 +10,25 @@ test_containers' client, which we did not write on top of ``pouch``.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import pty
 import re
+import select
+import shlex
+import socket
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 from cri_api.v1 import api_pb2
 
@@ -30,7 +38,7 @@ from tests.support import images as timg
 from tests.support.registry import push
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from tests.integration.conftest import Daemon
     from tests.support.registry import Registry
@@ -366,3 +374,273 @@ def test_logs_follow_ends_when_the_container_exits(pd, cri):
     again = pouch(pd, "logs", "-f", "--tail", "2", cid)
     assert ok(again) == "b" * 20000 + "\n"
     assert again.stderr == "bye\n"
+
+
+# ---- exec, attach and port-forward -------------------------------------------------------
+
+TRANSPORTS = ["websocket", "spdy"]
+# busybox httpd on 8080 in the pod, serving /www.
+SERVE = "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www"
+
+
+@pytest.fixture
+def running(cri: Client) -> str:
+    """A running busybox container (in a pod of its own) that sleeps."""
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"], name="sleeper")
+    cri.start(cid)
+    return cid
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_output_and_exit_code(pd, running, transport):
+    result = pouch(pd, "exec", "--transport", transport, running[:12], "echo", "hello", "world")
+    assert ok(result) == "hello world\n"
+    assert result.stderr == ""
+    # stdout and stderr stay apart; the exit code is the command's.
+    script = "echo out; echo err >&2; exit 3"
+    result = pouch(pd, "exec", "--transport", transport, running, "sh", "-c", script)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    missing = pouch(pd, "exec", "--transport", transport, running, "no-such-command")
+    assert missing.returncode != 0
+    assert "no-such-command" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_stdin(pd, running, transport):
+    # echo hi | pouch exec -i ID cat
+    piped = subprocess.run(
+        f"echo hi | {POUCH} --socket {pd.socket} exec -i --transport {transport} {running} cat",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert ok(piped) == "hi\n"
+    # The end of stdin reaches the command: wc prints once its stdin ends.
+    data = os.urandom(2 * 1024 * 1024)
+    counted = subprocess.run(
+        pouch_argv(pd, "exec", "-i", "--transport", transport, running, "wc", "-c"),
+        input=data,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert counted.returncode == 0, counted.stderr
+    assert counted.stdout.split() == [str(len(data)).encode()]
+    copied = subprocess.run(
+        pouch_argv(pd, "exec", "-i", "--transport", transport, running, "cat"),
+        input=data,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert copied.returncode == 0, copied.stderr
+    assert hashlib.sha256(copied.stdout).digest() == hashlib.sha256(data).digest()
+
+
+def _run_in_terminal(
+    argv: list[str],
+    *,
+    rows: int,
+    cols: int,
+    feed: list[tuple[bytes, bytes | Callable[[int], None]]],
+) -> tuple[int, bytes]:
+    """Run *argv* on a new terminal of rows x cols.
+
+    When the output shows a key of *feed*, its action runs: bytes are typed,
+    a callable is called with the terminal's master end.
+    """
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    proc = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )  # fmt: skip
+    os.close(slave)
+    output = b""
+    pending = list(feed)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break  # EIO: the last writer is gone.
+                if not chunk:
+                    break
+                output += chunk
+            while pending and pending[0][0] in output:
+                action = pending.pop(0)[1]
+                if callable(action):
+                    action(master)
+                else:
+                    os.write(master, action)
+            if proc.poll() is not None and not ready:
+                break
+        return proc.wait(timeout=max(1, deadline - time.monotonic())), output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+def _resize(rows: int, cols: int) -> Callable[[int], None]:
+    """A terminal resize (the kernel sends SIGWINCH), then time for it to travel."""
+
+    def resize(master: int) -> None:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        time.sleep(0.5)
+
+    return resize
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_exec_on_a_terminal(pd, running, transport):
+    # The size is read after a pause: the runtime applies it once the command runs.
+    script = (
+        'tty; sleep 0.5; stty size; printf "ready\\n"; read line; echo "got $line"; '
+        'printf "again\\n"; read line; stty size; exit 4'
+    )
+    exec_argv = shlex.join(
+        pouch_argv(pd, "exec", "-it", "--transport", transport, running, "sh", "-c", script)
+    )
+    # The shell prints the terminal's settings before and after: pouch restores them.
+    code, output = _run_in_terminal(
+        ["sh", "-c", f'stty -g; {exec_argv}; status=$?; stty -g; exit "$status"'],
+        rows=33,
+        cols=111,
+        feed=[(b"ready", b"hello\r"), (b"again", _resize(40, 100)), (b"again", b"\r")],
+    )
+    text = output.decode(errors="replace")
+    assert code == 4, text
+    assert re.search(r"/dev/pts/\d+", text), text
+    assert "33 111" in text, text  # the terminal's size reached the container's
+    assert "got hello" in text, text  # typed keys went through, in raw mode
+    assert "40 100" in text, text  # and so did its change (SIGWINCH)
+    settings = re.findall(r"^[0-9a-f]+(?::[0-9a-f]+){10,}\s*$", text, re.MULTILINE)
+    assert len(settings) == 2, text
+    assert settings[0].strip() == settings[1].strip()
+
+
+@pytest.mark.timeout(120)
+def test_attach_to_a_terminal_and_detach(pd, cri):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sh"], name="shell", stdin=True, tty=True)
+    cri.start(cid)
+    code, output = _run_in_terminal(
+        pouch_argv(pd, "attach", cid),
+        rows=24,
+        cols=80,
+        feed=[(b"", b"echo hel''lo\r"), (b"hello", b"\x10\x11")],  # Ctrl-P Ctrl-Q
+    )
+    text = output.decode(errors="replace")
+    assert code == 0, text
+    assert "hello" in text.replace("hel''lo", ""), text
+    # Detached: the container runs on.
+    assert cri.status(cid).status.state == api_pb2.CONTAINER_RUNNING
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_attach_receives_output_and_the_exit_code(pd, cri, transport):
+    sid, pc = cri.run_pod()
+    script = "sleep 2; for i in 1 2 3; do echo tick $i; sleep 0.2; done; echo oops >&2; exit 7"
+    cid = cri.create(sid, pc, ["sh", "-c", script], name="ticker")
+    cri.start(cid)
+    result = pouch(pd, "attach", "--no-stdin", "--transport", transport, cid[:12])
+    assert (result.returncode, result.stdout, result.stderr) == (
+        7,
+        "tick 1\ntick 2\ntick 3\n",
+        "oops\n",
+    )
+    assert cri.status(cid).status.state == api_pb2.CONTAINER_EXITED
+
+
+@pytest.mark.timeout(120)
+def test_attach_passes_stdin(pd, cri):
+    sid, pc = cri.run_pod()
+    loop = 'while read line; do echo "echo: $line"; done; echo bye'
+    cid = cri.create(sid, pc, ["sh", "-c", loop], name="loop", stdin=True, stdin_once=True)
+    cri.start(cid)
+    # stdin_once: the end of our input closes the container's stdin; the loop ends,
+    # the container exits, and so does the attach, with its code.
+    result = subprocess.run(
+        pouch_argv(pd, "attach", cid),
+        input="one\ntwo\n",
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert ok(result) == "echo: one\necho: two\nbye\n", result.stderr
+    assert cri.wait_exited(cid).exit_code == 0
+
+
+class PortForward:
+    """``pouch port-forward POD :8080``; the local port is read from its first line."""
+
+    def __init__(self, daemon: Daemon, pod: str, *ports: str, transport: str) -> None:
+        self.proc = subprocess.Popen(
+            pouch_argv(daemon, "port-forward", "--transport", transport, pod, *ports),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        self.ports: dict[int, int] = {}
+        for _ in ports:
+            line = self.proc.stdout.readline().decode()
+            match = re.fullmatch(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)\n", line)
+            assert match, (line, self.stop())
+            self.ports[int(match.group(2))] = int(match.group(1))
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err.decode(errors="replace")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_port_forward_to_httpd(pd, cri, transport):
+    sid, pc = cri.run_pod(cri.pod_config(f"web-{transport}"))
+    cid = cri.create(sid, pc, ["sh", "-c", SERVE], name="httpd")
+    cri.start(cid)
+    forward = PortForward(pd, f"web-{transport}", ":8080", ":9999", transport=transport)
+    try:
+        url = f"http://127.0.0.1:{forward.ports[8080]}/index.html"
+        deadline = time.monotonic() + 30
+        while True:  # httpd may not listen yet
+            try:
+                response = httpx.get(url, timeout=10)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert (response.status_code, response.text) == (200, "hello\n")
+        # Several connections, at once, over the one session.
+        with httpx.Client(timeout=10) as client:
+            for _ in range(5):
+                assert client.get(url).text == "hello\n"
+        assert forward.proc.poll() is None
+        # Nothing listens on 9999 in the pod: that connection ends, the error is printed.
+        with socket.create_connection(("127.0.0.1", forward.ports[9999]), timeout=30) as s:
+            s.settimeout(30)
+            assert s.recv(100) == b""
+        time.sleep(0.5)
+        assert forward.proc.poll() is None  # still forwarding
+    finally:
+        err = forward.stop()
+    assert "error forwarding port 9999" in err, err
+    assert "Traceback" not in err

@@ -7,8 +7,13 @@ no root, no pouchd.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
+import re
+import signal
+import socket
 import threading
 import time
 from concurrent import futures
@@ -16,10 +21,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+import trio
+import trio.testing
 from rich.console import Console
 
 from pouch import __version__
 from pouch.cli import (
+    ATTACH_LINGER,
     LogEntry,
     LogFile,
     LogJoiner,
@@ -27,6 +35,7 @@ from pouch.cli import (
     PouchError,
     PullView,
     container_row,
+    container_tty,
     created_ago,
     follow_log,
     human_duration,
@@ -34,6 +43,7 @@ from pouch.cli import (
     image_column,
     image_row,
     parse_log_line,
+    parse_port_mapping,
     pod_row,
     pouch_main,
     read_log,
@@ -42,9 +52,15 @@ from pouch.cli import (
     split_name,
     status_document,
 )
+from pouch.config import StreamConfig
 from pouch.cri._pb.pouch import v1 as pb
 from pouch.cri._pb.runtime import v1 as cri
 from pouch.cri.client import Client, ClientError
+from pouch.stream import client as sc
+from pouch.stream import remotecommand
+from pouch.stream.server import StreamServer
+from pouch.stream.session import AttachRequest, ExecRequest, PortForwardRequest, SessionLimits
+from tests.unit.stream.fake_backend import FakeBackend
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -148,6 +164,11 @@ class FakeDaemon:
         self.containers = _containers(now)
         self.log_paths: dict[str, str] = {}
         self.status_calls = 0
+        self.exit_codes: dict[str, int] = {}
+        self.tty_containers: set[str] = set()
+        #: Where Exec, Attach and PortForward get their URLs (`StreamThread`).
+        self.streams: StreamThread | None = None
+        self.stream_requests: list[object] = []
 
     def _find(self, text: str) -> cri.Image | None:
         for image in self.images.values():
@@ -229,9 +250,44 @@ class FakeDaemon:
             image=c.image,
             image_ref=c.image_ref,
             log_path=self.log_paths.get(c.id, ""),
+            exit_code=self.exit_codes.get(c.id, 0),
         )
-        info = {"info": json.dumps({"pid": 7, "sandboxID": c.pod_sandbox_id}), "raw": "not json"}
+        details: dict[str, object] = {"pid": 7, "sandboxID": c.pod_sandbox_id}
+        if c.id in self.tty_containers:
+            details["runtimeSpec"] = {"process": {"terminal": True}}
+        info = {"info": json.dumps(details), "raw": "not json"}
         return cri.ContainerStatusResponse(status=status, info=info if request.verbose else {})
+
+    def _stream_url(self, request: object, context) -> str:
+        self.stream_requests.append(request)
+        if self.streams is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the stream server is not serving")
+        return self.streams.url(request)
+
+    def exec(self, request, context):
+        req = ExecRequest(
+            request.container_id,
+            tuple(request.cmd),
+            tty=request.tty,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+        )
+        return cri.ExecResponse(url=self._stream_url(req, context))
+
+    def attach(self, request, context):
+        req = AttachRequest(
+            request.container_id,
+            tty=request.tty,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+        )
+        return cri.AttachResponse(url=self._stream_url(req, context))
+
+    def port_forward(self, request, context):
+        req = PortForwardRequest(request.pod_sandbox_id, tuple(request.port))
+        return cri.PortForwardResponse(url=self._stream_url(req, context))
 
     def set_state(self, container_id: str, state: cri.ContainerState) -> None:
         for c in self.containers:
@@ -253,6 +309,9 @@ class FakeDaemon:
                     "PodSandboxStatus": unary(self.pod_sandbox_status, cri.PodSandboxStatusRequest),
                     "ListContainers": unary(self.list_containers, cri.ListContainersRequest),
                     "ContainerStatus": unary(self.container_status, cri.ContainerStatusRequest),
+                    "Exec": unary(self.exec, cri.ExecRequest),
+                    "Attach": unary(self.attach, cri.AttachRequest),
+                    "PortForward": unary(self.port_forward, cri.PortForwardRequest),
                 },
             ),
             grpc.method_handlers_generic_handler(
@@ -987,3 +1046,630 @@ def test_logs_follow_ends_when_the_container_is_removed(fake, capsys, tmp_path):
     finally:
         timer.join()
     assert capsys.readouterr().out == "bye\n"
+
+
+# ---- exec, attach and port-forward: the stream client -------------------------------------
+#
+# The client (pouch.stream.client) against pouchd's own stream server on the
+# stream tests' fake backend, over real loopback TCP: every framing piece is
+# checked by the code that serves kubectl.
+
+
+def test_parse_status_reads_what_kubectl_reads():
+    ok = remotecommand.encode_status(remotecommand.status_success(), json_status=True)
+    assert sc.parse_status(ok) == sc.ExitStatus(0)
+    assert sc.parse_status(ok).success
+    exit3 = remotecommand.encode_status(
+        remotecommand.status_exit(3, ("sh", "-c", "exit 3")), json_status=True
+    )
+    status = sc.parse_status(exit3)
+    assert (status.code, status.reason, status.exited, status.success) == (
+        3,
+        "NonZeroExitCode",
+        True,
+        False,
+    )
+    internal = remotecommand.encode_status(remotecommand.status_internal("boom"), json_status=True)
+    status = sc.parse_status(internal)
+    assert (status.code, status.reason, status.message, status.exited) == (
+        1,
+        "InternalError",
+        "Internal error occurred: boom",
+        False,
+    )
+    # Before v4: nothing for success, the message for a failure.
+    assert sc.parse_status(b"", json_status=False).success
+    assert sc.parse_status(b"it failed", json_status=False) == sc.ExitStatus(
+        1, "Failure", "it failed"
+    )
+    assert sc.parse_status(b"not json").reason == "InvalidStatus"
+    no_code = b'{"status":"Failure","reason":"NonZeroExitCode","details":{"causes":[]}}'
+    assert sc.parse_status(no_code).code == 1
+
+
+def test_encode_resize_is_one_json_object_per_line():
+    assert sc.encode_resize(80, 24) == b'{"Width":80,"Height":24}\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "mapping"),
+    [("8080:80", (8080, 80)), (":80", (0, 80)), ("0:80", (0, 80)), ("8080", (8080, 8080))],
+)
+def test_parse_port_mapping(text, mapping):
+    assert parse_port_mapping(text) == mapping
+
+
+@pytest.mark.parametrize("text", ["", "a:80", "80:", "1:0", "70000:80", "1:70000", "1:2:3"])
+def test_parse_port_mapping_rejects(text):
+    with pytest.raises(ValueError, match=r"port|LOCAL"):
+        parse_port_mapping(text)
+
+
+def test_container_tty_from_verbose_info():
+    terminal = json.dumps({"runtimeSpec": {"process": {"terminal": True}}})
+    assert container_tty({"info": terminal})
+    assert not container_tty({"info": json.dumps({"runtimeSpec": {"process": {}}})})
+    assert container_tty({"info": json.dumps({"config": {"tty": True}})})  # containerd's
+    assert not container_tty({})
+    assert not container_tty({"info": "not json"})
+
+
+def test_target_from_url():
+    assert sc.Target.from_url("http://127.0.0.1:10250/exec/abc?x=1") == sc.Target(
+        "127.0.0.1", 10250, "/exec/abc?x=1"
+    )
+    assert sc.Target.from_url("http://[::1]:5/attach/t").authority == "[::1]:5"
+    with pytest.raises(sc.StreamClientError, match="only http://"):
+        sc.Target.from_url("https://node:10250/exec/abc")
+
+
+class Chunks:
+    """A stdin source: the chunks given, then its end."""
+
+    def __init__(self, *chunks: bytes, pause: float = 0.0) -> None:
+        self.chunks = list(chunks)
+        self.pause = pause
+        self.ended = trio.Event()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        await trio.sleep(self.pause)
+        if self.chunks:
+            return self.chunks.pop(0)
+        self.ended.set()
+        return b""
+
+
+class Forever:
+    """A stdin source that never ends."""
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def send_all(self, data) -> None:
+        await trio.lowlevel.checkpoint()
+        self.data += data
+
+
+async def test_detach_keys_hold_a_partial_sequence_back():
+    keys = sc.DetachKeys(Chunks(b"ab\x10", b"c", b"d\x10", b"\x11rest"))
+    assert await keys.receive_some() == b"ab"
+    assert await keys.receive_some() == b"\x10c"  # not the sequence after all
+    assert await keys.receive_some() == b"d"
+    with pytest.raises(sc.DetachRequested):
+        await keys.receive_some()
+    with pytest.raises(sc.DetachRequested):
+        await keys.receive_some()  # and it stays detached
+    ended = sc.DetachKeys(Chunks(b"x\x10"))
+    assert await ended.receive_some() == b"x"
+    assert await ended.receive_some() == b"\x10"  # the end sends what was held
+    assert await ended.receive_some() == b""
+
+
+@pytest.fixture
+async def streams(nursery):
+    """pouchd's stream server on 127.0.0.1, serving the fake backend."""
+    backend = FakeBackend(containers=("c1", "c2"), sandboxes=("p1",))
+    await nursery.start(backend.run)
+    server = StreamServer(StreamConfig(address="127.0.0.1", port=0), backend)
+    await nursery.start(server.serve, nursery, trio.Event())
+    server.fake = backend  # type: ignore[attr-defined]
+    return server
+
+
+TRANSPORTS = ["websocket", "spdy"]
+
+
+async def command(server, request, transport, **kw):
+    out, err = Collected(), Collected()
+    kw.setdefault("stdout", out if request.stdout else None)
+    kw.setdefault("stderr", err if request.stderr else None)
+    with trio.fail_after(10):
+        result = await sc.remote_command(
+            server.url(request), tty=request.tty, transport=transport, **kw
+        )
+    return result, bytes(out.data), bytes(err.data)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_exec_output_and_status(streams, transport):
+    request = ExecRequest("c1", ("both",), stdout=True, stderr=True)
+    result, out, err = await command(streams, request, transport)
+    assert (out, err) == (b"out\n", b"err\n")
+    assert result.status == sc.ExitStatus(0)
+    assert not result.detached
+    assert result.transport == transport
+    assert result.protocol == ("v5.channel.k8s.io" if transport == "websocket" else V4)
+    request = ExecRequest("c1", ("fail", "42", "bad"), stdout=True, stderr=True)
+    result, out, err = await command(streams, request, transport)
+    assert (out, err, result.status.code) == (b"", b"bad\n", 42)
+    assert result.status.reason == "NonZeroExitCode"
+
+
+V4 = "v4.channel.k8s.io"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_exec_stdin_to_its_end(streams, transport):
+    request = ExecRequest("c1", ("cat",), stdin=True, stdout=True, stderr=True)
+    chunks = [b"line %d\n" % i for i in range(200)]
+    result, out, _ = await command(streams, request, transport, stdin=Chunks(*chunks))
+    # cat ends only because the end of stdin reached it (v5 close signal, SPDY FIN).
+    assert out == b"".join(chunks)
+    assert result.status.success
+    assert not streams.fake.processes[0].killed
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_exec_large_output(streams, transport):
+    size = 5 * 1024 * 1024 + 17
+    request = ExecRequest("c1", ("big", str(size)), stdout=True)
+    result, out, _ = await command(streams, request, transport)
+    assert len(out) == size
+    assert out[:512] == bytes(range(256)) * 2
+    assert result.status.success
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_exec_tty_sends_terminal_sizes(streams, transport):
+    request = ExecRequest("c1", ("size",), tty=True, stdin=True, stdout=True)
+    send, sizes = trio.open_memory_channel[tuple[int, int]](4)
+    await send.send((120, 40))
+    await send.send((132, 43))
+    stdin = Chunks(b"", pause=0.3)  # ends after the sizes went
+    result, out, _ = await command(streams, request, transport, stdin=stdin, resizes=sizes)
+    assert out == b"120x40\n132x43\n"
+    assert result.status.success
+    assert streams.fake.processes[0].resizes == [(120, 40), (132, 43)]
+
+
+async def test_websocket_falls_back_to_v4(streams, monkeypatch):
+    monkeypatch.delitem(remotecommand.WEBSOCKET_PROTOCOLS, "v5.channel.k8s.io")
+    request = ExecRequest("c1", ("fail", "7", "old"), stdout=True, stderr=True)
+    result, _, err = await command(streams, request, "websocket")
+    assert result.protocol == V4
+    assert (err, result.status.code) == (b"old\n", 7)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_url_is_good_once(streams, transport):
+    url = streams.url(ExecRequest("c1", ("echo", "x"), stdout=True))
+    with trio.fail_after(10):
+        await sc.remote_command(url, stdout=Collected(), transport=transport)
+        with pytest.raises(sc.UpgradeRefused) as refused:
+            await sc.remote_command(url, stdout=Collected(), transport=transport)
+    assert refused.value.status == 404
+    assert "404 page not found" in str(refused.value)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_backend_failure_is_a_status(streams, transport):
+    request = ExecRequest("c1", ("echo",), stdout=True)
+    url = streams.url(request)
+    streams.fake.containers.discard("c1")
+    with trio.fail_after(10):
+        result = await sc.remote_command(url, stdout=Collected(), transport=transport)
+    assert result.status.reason == "InternalError"
+    assert 'container "c1" not found' in result.status.message
+    assert not result.status.exited
+
+
+async def test_nothing_listening_is_a_stream_client_error():
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for transport in TRANSPORTS:
+        with pytest.raises(sc.StreamClientError, match="cannot reach the stream server"):
+            await sc.remote_command(
+                f"http://127.0.0.1:{port}/exec/x", stdout=Collected(), transport=transport
+            )
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_attach_until_the_container_exits(streams, transport):
+    request = AttachRequest("c1", stdin=True, stdout=True, stderr=True)
+    async with trio.open_nursery() as nursery:
+
+        async def exit_later():
+            await trio.sleep(0.5)
+            streams.fake.exit_container("c1", code=3)
+
+        nursery.start_soon(exit_later)
+        result, out, _ = await command(streams, request, transport, stdin=Chunks(b"ping\n"))
+    # stdin ended, but the container answered and exited within the linger time.
+    assert out == b"ping\n"
+    assert result.status.success  # attach reports success; the exit code is the CRI's
+    assert not result.detached
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_attach_detaches_on_the_keys(streams, transport):
+    request = AttachRequest("c1", tty=True, stdin=True, stdout=True)
+    stdin = sc.DetachKeys(Chunks(b"typed\n", b"\x10", b"\x11", b"never sent", pause=0.1))
+    send, sizes = trio.open_memory_channel[tuple[int, int]](1)
+    await send.send((80, 24))  # without a size the server waits a second for one
+    result, out, _ = await command(streams, request, transport, stdin=stdin, resizes=sizes)
+    assert result.detached
+    assert result.status is None
+    assert out == b"typed\n"
+    proc = streams.fake.processes[0]
+    with trio.fail_after(5):
+        await proc.exited.wait()
+    assert proc.closed  # detached: the server let go of the container
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_attach_lingers_after_stdin_then_detaches(streams, transport, autojump_clock):
+    request = AttachRequest("c1", stdin=True, stdout=True, stderr=True)
+    stdin = Chunks(b"a\n", b"b\n")
+    started = trio.current_time()
+    result, out, _ = await command(
+        streams, request, transport, stdin=stdin, linger_after_stdin=ATTACH_LINGER
+    )
+    assert result.detached
+    assert out == b"a\nb\n"
+    assert trio.current_time() - started >= ATTACH_LINGER
+
+
+async def test_a_broken_sink_ends_the_session(streams):
+    class Broken:
+        async def send_all(self, data):
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError("EPIPE")
+
+    request = ExecRequest("c1", ("big", "1000000"), stdout=True)
+    with pytest.raises(trio.BrokenResourceError):
+        await sc.remote_command(streams.url(request), stdout=Broken())
+
+
+# -- port-forward
+
+
+async def echo_pod(stream: trio.abc.Stream) -> None:
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+
+
+async def count_then_reply(stream: trio.abc.HalfCloseableStream) -> None:
+    total = 0
+    while data := await stream.receive_some():
+        total += len(data)
+    await stream.send_all(f"got {total}".encode())
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some():
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_port_forward(streams, transport):
+    streams.fake.pods[80] = echo_pod
+    streams.fake.pods[9000] = count_then_reply
+    errors: list[tuple[int, str]] = []
+    reported = trio.Event()
+    listening: list[tuple[str, int, int]] = []
+
+    def on_error(port: int, message: str) -> None:
+        errors.append((port, message))
+        reported.set()
+
+    async def echo_once(port: int, i: int) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"hello %d" % i)
+            await stream.send_eof()
+            assert await read_all(stream) == b"hello %d" % i
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as forwarding:
+            bound = await forwarding.start(
+                functools.partial(
+                    sc.port_forward,
+                    streams.url(PortForwardRequest("p1")),
+                    [(0, 80), (0, 9000), (0, 81)],
+                    transport=transport,
+                    on_listening=lambda *args: listening.append(args),
+                    on_error=on_error,
+                )
+            )
+            assert [remote for _, remote in bound] == [80, 9000, 81]
+            assert listening == [("127.0.0.1", local, remote) for local, remote in bound]
+            ports = {remote: local for local, remote in bound}
+            async with trio.open_nursery() as clients:
+                for i in range(10):
+                    clients.start_soon(echo_once, ports[80], i)
+            # Half-close reaches the pod, which answers after it.
+            stream = await trio.open_tcp_stream("127.0.0.1", ports[9000])
+            async with stream:
+                await stream.send_all(b"x" * 300_000)
+                await stream.send_eof()
+                assert await read_all(stream) == b"got 300000"
+            # Nothing listens on 81 in the pod: the connection ends, the error is reported.
+            stream = await trio.open_tcp_stream("127.0.0.1", ports[81])
+            async with stream:
+                assert await read_all(stream) == b""
+            await reported.wait()
+            # One session carried every connection.
+            assert streams.statistics().sessions == 1
+            forwarding.cancel_scope.cancel()
+    assert errors == [
+        (81, "error forwarding port 81 to pod p1, uid : "
+         "failed to connect to localhost:81: connection refused")
+    ]  # fmt: skip
+    assert streams.fake.connections.count(80) == 10
+
+
+async def test_port_forward_ends_when_the_session_is_lost(nursery):
+    backend = FakeBackend(sandboxes=("p1",))
+    await nursery.start(backend.run)
+
+    async def handlers_nursery(task_status=trio.TASK_STATUS_IGNORED):
+        async with trio.open_nursery() as handlers:
+            task_status.started(handlers)
+            await trio.sleep_forever()
+
+    handlers = await nursery.start(handlers_nursery)
+    server = StreamServer(StreamConfig(address="127.0.0.1", port=0), backend)
+    await nursery.start(server.serve, handlers, trio.Event())
+    listening = trio.Event()
+
+    async def daemon_goes_away():
+        await listening.wait()
+        handlers.cancel_scope.cancel()
+
+    nursery.start_soon(daemon_goes_away)
+    url = server.url(PortForwardRequest("p1"))
+    with trio.fail_after(10), pytest.raises(sc.StreamClientError, match="lost connection"):
+        await sc.port_forward(url, [(0, 80)], on_listening=lambda *_: listening.set())
+
+
+# ---- exec, attach and port-forward: the commands --------------------------------------
+
+
+class StreamThread:
+    """pouchd's stream server on the fake backend, in a thread (pouch runs its own Trio)."""
+
+    def __init__(self) -> None:
+        self.backend = FakeBackend(containers=(RUNNING, EXITED), sandboxes=(POD_WEB,))
+        self.server = StreamServer(
+            StreamConfig(address="127.0.0.1", port=0), self.backend, limits=SessionLimits()
+        )
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.backend.run)
+            await nursery.start(self.server.serve, nursery, self._stop)
+            self._started.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def start(self) -> StreamThread:
+        self._thread.start()
+        assert self._started.wait(10)
+        return self
+
+    def call(self, fn, *args):
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def url(self, request) -> str:
+        return self.call(self.server.url, request)
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self.call(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def streamed(fake: FakeDaemon) -> Iterator[FakeDaemon]:
+    fake.streams = StreamThread().start()
+    try:
+        yield fake
+    finally:
+        fake.streams.stop()
+
+
+_SERVER_LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[[a-z ]+\] .*\n")
+
+
+def output(capsys) -> tuple[str, str]:
+    """What pouch wrote to stdout and stderr, without the stream thread's log lines."""
+    captured = capsys.readouterr()
+    return _SERVER_LOG.sub("", captured.out), _SERVER_LOG.sub("", captured.err)
+
+
+def with_stdin(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+def test_exec_command(streamed, capsys):
+    assert run(streamed, "exec", RUNNING[:5], "sh", "-c", "echo hi") == 127  # the fake's sh
+    assert output(capsys)[1] == "sh: not found\n"
+    assert run(streamed, "exec", "caf", "--", "echo", "-n", "x") == 0
+    assert output(capsys)[0] == "-n x\n"
+    (request, _) = streamed.stream_requests
+    assert request == ExecRequest(RUNNING, ("sh", "-c", "echo hi"), stdout=True, stderr=True)
+    assert run(streamed, "exec", RUNNING, "fail", "3", "oops") == 3
+    assert output(capsys)[1] == "oops\n"
+    assert run(streamed, "exec", "--transport", "spdy", RUNNING, "fail", "4") == 4
+
+
+def test_exec_passes_stdin_with_i(streamed, capsys, monkeypatch):
+    with_stdin(monkeypatch, b"piped\ndata\n")
+    assert run(streamed, "exec", "-i", RUNNING, "cat") == 0
+    assert output(capsys)[0] == "piped\ndata\n"
+    with_stdin(monkeypatch, b"more")
+    assert run(streamed, "exec", "-i", "--transport", "spdy", RUNNING, "cat") == 0
+    assert output(capsys)[0] == "more"
+    assert streamed.stream_requests[-1].stdin
+
+
+def test_exec_tty_needs_a_terminal(streamed, capsys, monkeypatch):
+    monkeypatch.setattr(os, "isatty", lambda fd: False)
+    with_stdin(monkeypatch, b"")
+    assert run(streamed, "exec", "-it", RUNNING, "echo", "plain") == 0
+    out, err = output(capsys)
+    assert out == "plain\n"
+    assert "Unable to use a TTY" in err
+    request = streamed.stream_requests[-1]
+    assert (request.tty, request.stdin, request.stderr) == (False, True, True)
+
+
+def test_exec_errors(streamed, capsys):
+    assert run(streamed, "exec", "0bad", "true") == 1
+    assert output(capsys)[1] == "pouch: no such container: 0bad\n"
+    assert run(streamed, "exec", RUNNING) == 2  # no command
+    output(capsys)
+    streamed.streams.call(streamed.streams.backend.containers.discard, RUNNING)
+    assert run(streamed, "exec", RUNNING, "true") == 1
+    err = output(capsys)[1]
+    assert err.startswith("pouch: Internal error occurred: error executing command in container")
+
+
+def test_stream_server_gone(fake, capsys):
+    assert run(fake, "exec", RUNNING, "true") == 1
+    assert output(capsys)[1] == "pouch: the stream server is not serving\n"
+
+
+def test_attach_until_the_container_exits_with_its_code(streamed, capsys):
+    streams = streamed.streams
+
+    def container_exits():
+        time.sleep(0.5)
+        streamed.exit_codes[RUNNING] = 5
+        streamed.set_state(RUNNING, cri.ContainerState.CONTAINER_EXITED)
+        streams.call(streams.backend.exit_container, RUNNING, 5)
+
+    timer = threading.Thread(target=container_exits)
+    timer.start()
+    try:
+        assert run(streamed, "attach", "--no-stdin", RUNNING[:6]) == 5
+    finally:
+        timer.join()
+    request = streamed.stream_requests[-1]
+    assert request == AttachRequest(RUNNING, stdout=True, stderr=True)
+
+
+def test_attach_detaches_after_stdin_ends(streamed, capsys, monkeypatch):
+    with_stdin(monkeypatch, b"hello\n")
+    started = time.monotonic()
+    assert run(streamed, "attach", "--transport", "spdy", RUNNING) == 0
+    assert time.monotonic() - started >= ATTACH_LINGER
+    assert output(capsys)[0] == "hello\n"  # the fake attach echoes stdin
+    request = streamed.stream_requests[-1]
+    assert (request.stdin, request.tty) == (True, False)
+
+
+def test_attach_to_a_terminal_container(streamed, capsys, monkeypatch):
+    streamed.tty_containers.add(RUNNING)
+    with_stdin(monkeypatch, b"x")
+    assert run(streamed, "attach", RUNNING) == 0
+    request = streamed.stream_requests[-1]
+    assert (request.tty, request.stderr) == (True, False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_port_forward_command(streamed, capsys):
+    streams = streamed.streams
+    streams.backend.pods[80] = echo_pod
+    port = free_port()
+    answers: list[bytes] = []
+
+    def client():
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            with s:
+                s.sendall(b"through")
+                s.shutdown(socket.SHUT_WR)
+                answers.append(s.recv(100))
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        assert run(streamed, "port-forward", "web", f"{port}:80") == 0
+    finally:
+        thread.join()
+    assert answers == [b"through"]
+    assert output(capsys)[0] == f"Forwarding from 127.0.0.1:{port} -> 80\n"
+    assert streamed.stream_requests[-1] == PortForwardRequest(POD_WEB)
+
+
+def test_port_forward_errors(streamed, capsys):
+    assert run(streamed, "port-forward", "job", "80") == 1  # not ready: no name match
+    assert output(capsys)[1] == "pouch: no such pod sandbox: job\n"
+    assert run(streamed, "port-forward", POD_WEB, "x:80") == 2
+    assert "is not LOCAL:REMOTE" in output(capsys)[1]
+
+
+async def test_file_sink_breaks_when_the_reader_went_away():
+    class Gone(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(trio.BrokenResourceError):
+        await sc.FileSink(io.BufferedWriter(Gone())).send_all(b"x")
+    written = io.BytesIO()
+    await sc.FileSink(written).send_all(b"data")
+    assert written.getvalue() == b"data"
+
+
+def test_exec_whose_reader_went_away(streamed, monkeypatch):
+    async def broken(self, data) -> None:
+        await trio.lowlevel.checkpoint()
+        raise trio.BrokenResourceError("cannot write: [Errno 32] Broken pipe")
+
+    # (sys.stdout itself stays: the stream thread logs to it.)
+    monkeypatch.setattr(sc.FileSink, "send_all", broken)
+    # pouch exec ... | head: a shell reports 128 + SIGPIPE for such a writer.
+    assert run(streamed, "exec", RUNNING, "big", "1000000") == 141
