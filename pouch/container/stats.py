@@ -11,10 +11,9 @@ seconds on a node with a few hundred containers:
 - a writable layer's size is a directory walk, cached for a few seconds so
   that ``ListContainerStats``, ``ListPodSandboxStats`` and
   ``ListPodSandboxMetrics`` in one kubelet cycle share one walk;
-- network counters come from one pyroute2 handle per pod network namespace,
-  kept open on one dedicated thread (opening a handle forks a helper
-  process, ~12 ms; a handle's first use on a new thread costs another
-  ~15 ms, so the handles stay on the thread that made them).
+- network counters are read by a throwaway thread that enters each pod's
+  network namespace (setns) and reads the kernel's per-interface counters
+  there; nothing forks (forking a multi-threaded daemon can deadlock).
 
 ``usage_nano_cores`` is the rate between two samples, which the runtime and
 not the kubelet computes (cri-api CpuUsage; containerd keeps the previous
@@ -45,9 +44,9 @@ from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import attrs
 import trio
-from pyroute2 import NetNS
 
 from pouch.log import get_logger
+from pouch.network.netns import enter_netns, in_new_thread
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -884,41 +883,13 @@ class _NetnsCounters:
             self._executor.shutdown(wait=False)
 
     def _read_sync(self, paths: Sequence[str]) -> dict[str, NetworkStats | None]:
-        out: dict[str, NetworkStats | None] = {}
         if self._closed:  # queued before aclose, run after it
             return dict.fromkeys(paths)
-        for path in dict.fromkeys(paths):
-            now = time.monotonic_ns()
-            handle = self._handles.get(path)
-            try:
-                st = os.stat(path)
-            except OSError:
-                self._drop(path)
-                out[path] = None
-                continue
-            if handle is not None and (handle.dev, handle.ino) != (st.st_dev, st.st_ino):
-                self._drop(path)
-                handle = None
-            try:
-                if handle is None:
-                    # flags=0: never create a namespace at a path that vanished.
-                    handle = _Handle(NetNS(path, flags=0), st.st_dev, st.st_ino, now)
-                    self._handles[path] = handle
-                links = handle.ns.get_links()
-            except Exception as exc:
-                log.warning("failed to read network counters", netns=path, error=str(exc))
-                self._drop(path)
-                out[path] = None
-                continue
-            handle.used_ns = now
-            ifaces = [
-                interface_stats(str(link.get_attr("IFLA_IFNAME")), _stats64(link)) for link in links
-            ]
-            out[path] = network_stats(time.time_ns(), ifaces, self._default)
-        now = time.monotonic_ns()
-        for path in [p for p, h in self._handles.items() if now - h.used_ns > self._idle_ns]:
-            self._drop(path)
-        return out
+        # No pyroute2 NetNS handles: they fork a helper process, and forking
+        # a multi-threaded daemon can deadlock the child.  A throwaway thread
+        # setns()es into each namespace in turn and reads the kernel's
+        # per-interface counters there.
+        return in_new_thread(lambda: _read_counters(paths, self._default), "pouch-netstats")
 
     def _drop(self, path: str) -> None:
         handle = self._handles.pop(path, None)
@@ -933,6 +904,44 @@ class _NetnsCounters:
     def handles(self) -> int:
         """Open handles (for tests and leak checks)."""
         return len(self._handles)
+
+
+_NET_DEV_FIELDS: Final = (
+    "rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "rx_fifo", "rx_frame",
+    "rx_compressed", "rx_multicast", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped",
+)  # fmt: skip
+
+
+def parse_net_dev(text: str) -> list[InterfaceStats]:
+    """``/proc/net/dev``: one line per interface after two header lines."""
+    out = []
+    for line in text.splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        values = [int(v) for v in rest.split()]
+        out.append(interface_stats(name.strip(), dict(zip(_NET_DEV_FIELDS, values, strict=False))))
+    return out
+
+
+def _read_counters(paths: Sequence[str], default: str) -> dict[str, NetworkStats | None]:
+    out: dict[str, NetworkStats | None] = {}
+    for path in dict.fromkeys(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            out[path] = None
+            continue
+        try:
+            enter_netns(fd)
+            with open("/proc/thread-self/net/dev") as f:
+                text = f.read()
+        except OSError as exc:
+            log.warning("failed to read network counters", netns=path, error=str(exc))
+            out[path] = None
+            continue
+        finally:
+            os.close(fd)
+        out[path] = network_stats(time.time_ns(), parse_net_dev(text), default)
+    return out
 
 
 def _stats64(link: Any) -> Mapping[str, int]:
