@@ -4,6 +4,8 @@ scripts/nox -s tests     set up everything (apt packages, venv) and run all chec
 scripts/nox -s serve     set up everything and run pouchd in the foreground
 scripts/nox -s lint      ruff and mypy --strict
 scripts/nox -s protos    regenerate pouch/cri/_pb from protos/
+scripts/nox -s bench     set up everything and run the benchmarks: pouchd vs containerd
+scripts/nox -s demo      set up everything and take the newcomer's tour
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ TEST_PACKAGES = [
     "docker-registry",
     "busybox-static",
     "skopeo",
+    # The suite runs the benchmark's quick mode, side by side with containerd.
+    "containerd",
 ]
 
 
@@ -124,7 +128,7 @@ def _install(session: nox.Session, *extras: str) -> None:
     )
 
 
-LINTED = ["pouch", "tests", "benchmarks", "noxfile.py"]
+LINTED = ["pouch", "tests", "benchmarks", "scripts/demo.py", "noxfile.py"]
 
 
 def _lint(session: nox.Session) -> None:
@@ -137,7 +141,9 @@ def _lint(session: nox.Session) -> None:
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
     """Install everything, then lint and run the whole suite against real components."""
+    fresh = _missing(["containerd"])
     ensure_system_packages(session, RUNTIME_PACKAGES + TEST_PACKAGES)
+    _stop_system_containerd(session, fresh)
     prepare_host(session)
     _install(session, "test", "lint", "bench")
     _lint(session)
@@ -170,4 +176,43 @@ def protos(session: nox.Session) -> None:
         *sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto")),
         external=True,
         env=env,
+    )
+
+
+def _stop_system_containerd(session: nox.Session, fresh: list[str]) -> None:
+    # Debian's package starts a system-wide containerd; the benchmarks run their own.
+    if "containerd" in fresh and shutil.which("systemctl"):
+        session.run(
+            "systemctl", "disable", "--now", "containerd", external=True, success_codes=[0, 1]
+        )
+
+
+# What the benchmarks add: the runtime they compare pouchd with.
+BENCH_PACKAGES = ["containerd"]
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """Run every benchmark in one local world, pouchd and containerd side by side (root).
+
+    Prints one table and writes bench-results.json; arguments go to
+    ``python -m benchmarks.all`` (``--quick`` for the CI smoke run, ``--json PATH``,
+    ``--markdown PATH``, ``--skip PHASE``).
+    """
+    fresh = _missing(BENCH_PACKAGES)
+    ensure_system_packages(session, RUNTIME_PACKAGES + TEST_PACKAGES + BENCH_PACKAGES)
+    _stop_system_containerd(session, fresh)
+    prepare_host(session)
+    _install(session, "bench", "test")
+    session.run(_venv_bin("python"), "-m", "benchmarks.all", *session.posargs, external=True)
+
+
+@nox.session(python=False)
+def demo(session: nox.Session) -> None:
+    """A newcomer's tour: a local registry and pouchd, pull, a pod, exec, port-forward, logs."""
+    ensure_system_packages(session, RUNTIME_PACKAGES + TEST_PACKAGES)
+    prepare_host(session)
+    _install(session, "test", "bench")
+    session.run(
+        _venv_bin("python"), str(ROOT / "scripts" / "demo.py"), *session.posargs, external=True
     )

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Final, Self
 import grpc
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from pouch.network import netns as pouch_netns
 from tests.support.images import LayerBuilder, build_image, busybox_image
 from tests.support.registry import Registry, push
 
@@ -569,6 +570,8 @@ class World:
         self.cni_conf = Path()
         # What the host had before, to tell our leftovers from its own things.
         self._netns_before: set[str] = set()
+        #: /run/netns names of the world's pouchd pods, found at teardown (see _clean_host).
+        self._pouch_netns: set[str] = set()
         self._containerd_run_existed = True
         self._shim_sockets_before: set[str] = set()
         self._cni_var_existed = True
@@ -855,9 +858,15 @@ class World:
                 self.log(f"world: {exc}")
         # containerd puts network namespaces under its state dir (unmounted above);
         # a cni-* one in /run/netns would come from a configuration that does not.
+        # pouchd pins each pod's as /run/netns/pouch-<id[:16]> and unpins it when
+        # the pod goes, but not when it is killed with pods left (a pod half made
+        # by a hung RunPodSandbox, say): the pod directories under its root and
+        # state name them.  Only new entries of those names are ours to remove
+        # (another pouchd on the host has its own).
+        self._pouch_netns = self._world_pouch_netns()
         with contextlib.suppress(OSError):
             for name in set(os.listdir(NETNS_DIR)) - self._netns_before:
-                if name.startswith("cni-"):
+                if name.startswith("cni-") or name in self._pouch_netns:
                     with contextlib.suppress(OSError):
                         unmount(str(NETNS_DIR / name))
                         (NETNS_DIR / name).unlink()
@@ -878,6 +887,16 @@ class World:
                 with contextlib.suppress(OSError):
                     d.rmdir()
 
+    def _world_pouch_netns(self) -> set[str]:
+        """The /run/netns names pouchd gives the pods it has directories for."""
+        assert self.base is not None
+        home = self.base / "pouch"
+        names = set()
+        for pods in (home / "root" / "sandboxes", home / "state" / "sandboxes"):
+            with contextlib.suppress(OSError):
+                names.update(pouch_netns.name_for(entry.name) for entry in os.scandir(pods))
+        return names
+
     def leftovers(self) -> list[str]:
         """Anything of the world still on the host after :meth:`close` (empty: clean)."""
         if self.base is None:
@@ -895,7 +914,7 @@ class World:
             found += [
                 f"netns {NETNS_DIR / n}"
                 for n in sorted(set(os.listdir(NETNS_DIR)) - self._netns_before)
-                if n.startswith("cni-")
+                if n.startswith("cni-") or n in self._pouch_netns
             ]
         if self.bridge and link_exists(self.bridge):
             found.append(f"bridge {self.bridge}")
