@@ -599,7 +599,9 @@ def _caption(targets: Sequence[Target], args: argparse.Namespace, image: str) ->
         )
     lines.append(
         f"{args.iterations} iterations per runtime after {args.warmup} warm-up, alternating in "
-        f"blocks of {args.block}: a hostNetwork pod with one container ({image}, sleep 1000), "
+        f"blocks of {args.block}: a "
+        f"{'CNI-networked' if args.pod_network == 'cni' else 'hostNetwork'} pod "
+        f"with one container ({image}, sleep 1000), "
         f"PID namespace {args.pid_namespace}, StopContainer timeout {args.stop_timeout} s."
     )
     lines.append(
