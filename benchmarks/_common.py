@@ -21,6 +21,7 @@ and the target an endpoint; for a lifecycle benchmark the case would be
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import importlib.metadata
@@ -638,3 +639,22 @@ def default_labels(endpoints: Sequence[Endpoint], specs: Sequence[EndpointSpec])
         name = endpoint.version["runtime_name"]
         if spec.label is None and name and names[name] == 1 and name not in taken:
             endpoint.label = name
+
+
+# ---- argument types shared by the benchmark scripts ----------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value

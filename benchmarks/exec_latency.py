@@ -525,20 +525,6 @@ def run(args: argparse.Namespace) -> int:
 # Command line
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.exec_latency",
@@ -573,14 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-n",
         "--calls",
-        type=_positive,
+        type=common.positive_int,
         default=None,
         help=f"measured operations per case per runtime (default {DEFAULT_CALLS}, "
         f"{QUICK_CALLS} with --quick)",
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative,
+        type=common.non_negative_int,
         default=None,
         help=f"discarded operations per case per runtime first (default {DEFAULT_WARMUP}, "
         f"{QUICK_WARMUP} with --quick)",
@@ -591,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"CI smoke run: -n {QUICK_CALLS} --warmup {QUICK_WARMUP} unless given",
     )
     parser.add_argument(
-        "--block", type=_positive, default=10, help="operations per turn when alternating"
+        "--block", type=common.positive_int, default=10, help="operations per turn when alternating"
     )
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="deadline of each operation, in seconds"

@@ -410,20 +410,6 @@ def _download_job(url: str, paths: list[tuple[str, str | None, int]], streams: i
 # Command line
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -454,14 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-n",
         "--iterations",
-        type=_positive,
+        type=common.positive_int,
         default=None,
         help=f"measured pulls per image per endpoint, and runs of each floor "
         f"(default {DEFAULT_ITERATIONS}, {QUICK_ITERATIONS} with --quick)",
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative,
+        type=common.non_negative_int,
         default=None,
         help=f"discarded rounds first (default {DEFAULT_WARMUP}, {QUICK_WARMUP} with --quick)",
     )
@@ -473,14 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--big-mb",
-        type=_positive,
+        type=common.positive_int,
         default=None,
         help=f"MiB of random data in the big image (default {DEFAULT_BIG_MB}, "
         f"{QUICK_BIG_MB} with --quick)",
     )
     parser.add_argument(
         "--big-layers",
-        type=_positive,
+        type=common.positive_int,
         default=DEFAULT_BIG_LAYERS,
         help="data layers of the big image (busybox comes on top of them as the base layer)",
     )
@@ -505,13 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dd-mb",
-        type=_positive,
+        type=common.positive_int,
         default=None,
         help="MiB dd writes per run (default: the big image's data, --big-mb plus 2)",
     )
     parser.add_argument(
         "--download-streams",
-        type=_positive,
+        type=common.positive_int,
         default=DEFAULT_DOWNLOAD_STREAMS,
         help="blobs downloaded at once by the download floor",
     )

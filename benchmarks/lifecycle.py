@@ -907,20 +907,6 @@ def _report(
 # Command line
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def _pod_counts(text: str) -> tuple[int, ...]:
     if text.strip() in ("", "0", "none"):
         return ()
@@ -965,20 +951,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-n",
         "--iterations",
-        type=_positive,
+        type=common.positive_int,
         default=None,
         help=f"measured iterations per runtime (default {DEFAULT_ITERATIONS}, "
         f"{QUICK_ITERATIONS} with --quick)",
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative,
+        type=common.non_negative_int,
         default=None,
         help=f"discarded iterations per runtime first (default {DEFAULT_WARMUP}, "
         f"{QUICK_WARMUP} with --quick)",
     )
     parser.add_argument(
-        "--block", type=_positive, default=5, help="iterations per turn when alternating"
+        "--block", type=common.positive_int, default=5, help="iterations per turn when alternating"
     )
     parser.add_argument(
         "--quick",
@@ -1017,7 +1003,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and a CNI bridge network (with --world, the same conflist for both runtimes)",
     )
     parser.add_argument(
-        "--stop-timeout", type=_non_negative, default=2, help="StopContainer's timeout, seconds"
+        "--stop-timeout",
+        type=common.non_negative_int,
+        default=2,
+        help="StopContainer's timeout, seconds",
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="deadline of every CRI call, seconds"

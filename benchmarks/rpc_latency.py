@@ -72,20 +72,6 @@ RPCS: Final[dict[str, RpcSpec]] = {
 }
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.rpc_latency",
@@ -107,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-n",
         "--calls",
-        type=_positive,
+        type=common.positive_int,
         default=None,
         help=f"measured calls per RPC per endpoint (default {DEFAULT_CALLS}, "
         f"{QUICK_CALLS} with --quick)",
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative,
+        type=common.non_negative_int,
         default=None,
         help=f"discarded calls per RPC per endpoint first (default {DEFAULT_WARMUP}, "
         f"{QUICK_WARMUP} with --quick)",
@@ -134,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--block",
-        type=_positive,
+        type=common.positive_int,
         default=50,
         help="calls per turn when alternating between workloads",
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive,
+        type=common.positive_int,
         default=1,
         help="calls in flight at once per workload (threads sharing the endpoint's channel)",
     )
