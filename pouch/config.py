@@ -132,6 +132,10 @@ class ContainerRuntimeConfig:
     conmon: Path = Path("/usr/bin/conmon")
     #: The pod infra process, run from a minimal rootfs the daemon makes.
     infra_binary: Path = Path("/usr/bin/catatonit")
+    #: Run pods' infra process from this image instead (containerd's
+    #: ``sandbox_image``; pulled on first use, recorded as pinned).  "" keeps
+    #: the image-less ``catatonit -P``, so pods start offline.
+    sandbox_image: str = ""
     #: The cgroup parent of pods whose config names none.
     default_cgroup_parent: str = "/pouch"
 

@@ -31,6 +31,7 @@ from pouch.core import Core
 from pouch.cri import service
 from pouch.cri._bridge import StartupError, bind_socket, serve_cri
 from pouch.cri._instrument import CallGate
+from pouch.errors import InvalidArgument
 from pouch.image.manager import SCHEMA as IMAGE_SCHEMA
 from pouch.image.manager import ImageManager
 from pouch.log import get_logger
@@ -84,7 +85,10 @@ def open_core(config: Config) -> Core:
     """Open the database and the stores, recovering what is on disk (blocking)."""
     db = Database(config.root / "pouch.db")
     db.open_sync((*IMAGE_SCHEMA, *CONTAINER_SCHEMA))
-    images = ImageManager(config, db)
+    try:
+        images = ImageManager(config, db)
+    except InvalidArgument as exc:
+        raise StartupError(f"runtime.sandbox_image: {exc}") from exc
     images.open_sync()
     network = NetworkManager(
         cache_dir=config.root / "cni-cache",

@@ -121,6 +121,8 @@ class Sandbox:
     netns_path: str | None = None
     #: The pod's IPs from its CNI result, primary first (none with host network).
     ips: tuple[str, ...] = ()
+    #: The sandbox image's layers, when the infra runs from one.
+    chain_ids: tuple[str, ...] = ()
     infra_pid: int = 0
     conmon_pid: int | None = None
     spec: dict[str, Any] = attrs.field(factory=dict)
@@ -383,7 +385,8 @@ class ContainerManager:
         return runtime
 
     def _chains_in_use(self) -> Iterable[str]:
-        return {chain for c in self.containers.values() for chain in c.chain_ids}
+        records: list[Sandbox | Container] = [*self.containers.values(), *self.sandboxes.values()]
+        return {chain for r in records for chain in r.chain_ids}
 
     async def _save(self, record: Sandbox | Container) -> None:
         doc = _dump(record)
@@ -551,11 +554,12 @@ class ContainerManager:
                 "mode=1777,size=65536k",
             )
             shm_path = str(shm)
+        rootfs, infra_argv = await self._infra_rootfs(s)
         spec = specs.pod_spec(
             pod,
             sandbox_id=s.sandbox_id,
-            rootfs=self.infra_rootfs,
-            infra_argv=["/catatonit", "-P"],
+            rootfs=rootfs,
+            infra_argv=infra_argv,
             netns_path=s.netns_path,
             cgroups_path=self._cgroups_path(pod, s.sandbox_id),
             oom_score_adj_floor=self._oom_floor,
@@ -580,6 +584,40 @@ class ContainerManager:
         s.state = SandboxState.READY
         await self._save(s)
 
+    async def _infra_rootfs(self, s: Sandbox) -> tuple[Path, list[str]]:
+        """Where the infra process runs from, and its command line.
+
+        By default ``catatonit -P`` from the daemon's own one-binary rootfs.
+        With ``runtime.sandbox_image`` set, that image (pulled on first use)
+        gives the rootfs, as an overlay of its layers, and the command.
+        """
+        image_ref = self._config.runtime.sandbox_image
+        if not image_ref:
+            return self.infra_rootfs, ["/catatonit", "-P"]
+        image = self._images.get(image_ref)
+        if image is None:
+            await self._images.pull(image_ref)
+            image = self._images.get(image_ref)
+            if image is None:
+                raise errors.NotFound(f'sandbox image "{image_ref}" is gone after its pull')
+        config = media.parse_config(await self._images.config_of(image.image_id))
+        argv = [*config.entrypoint, *config.cmd]
+        if not argv:
+            raise errors.FailedPrecondition(
+                f'sandbox image "{image_ref}" has neither Entrypoint nor Cmd'
+            )
+        s.chain_ids = image.chain_ids
+        sdir = self.sandbox_dir(s.sandbox_id)
+        rootfs = self.sandbox_bundle(s.sandbox_id) / "rootfs"
+        for d in (rootfs, sdir / "upper", sdir / "work"):
+            d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        lower = ":".join(
+            str(self._images.snapshots.path(chain)) for chain in reversed(image.chain_ids)
+        )
+        options = f"lowerdir={lower},upperdir={sdir / 'upper'},workdir={sdir / 'work'}"
+        await trio.to_thread.run_sync(mounts.mount, "overlay", rootfs, "overlay", 0, options)
+        return rootfs, argv
+
     def _cgroups_path(self, pod: PodConfig, record_id: str) -> str:
         parent = pod.cgroup_parent or self._config.runtime.default_cgroup_parent
         if self._config.cgroup.driver.value == "systemd":
@@ -592,6 +630,7 @@ class ContainerManager:
         await self._runtime_cleanup(runtime, s.sandbox_id)
         bundle = self.sandbox_bundle(s.sandbox_id)
         await trio.to_thread.run_sync(mounts.unmount, bundle / "shm")
+        await trio.to_thread.run_sync(mounts.unmount, bundle / "rootfs")
         # CNI DEL from the cached config and result, then the namespace: the
         # namespace is removed even if DEL failed (the cache keeps the DEL for
         # a later retry, with CNI_NETNS empty).

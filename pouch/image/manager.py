@@ -123,6 +123,8 @@ class ImageManager:
         self.platform = platform or media.Platform.host()
         self._images: dict[str, Image] = {}
         self._names: dict[str, str] = {}
+        sandbox_image = config.runtime.sandbox_image
+        self._pinned_names = {str(parse_reference(sandbox_image))} if sandbox_image else set()
         self._pulls: InFlightMap[tuple[str, Credentials | None], str] = InFlightMap()
         self._layers: InFlightMap[str, None] = InFlightMap()
         self.progress: dict[str, PullProgress] = {}
@@ -310,7 +312,9 @@ class ImageManager:
             manifest_digest=manifest_digest,
             size=size,
             user=config.user,
-            pinned=False,
+            # The sandbox image is pinned (containerd's sandbox_image): a
+            # kubelet's image GC leaves pinned images alone.
+            pinned=any(name in self._pinned_names for name, _ in names),
             chain_ids=media.chain_ids(config.diff_ids),
             blobs=tuple(dict.fromkeys(blobs)),
             created=time.time(),
@@ -481,7 +485,7 @@ class ImageManager:
                 " blobs, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(image_id) DO UPDATE SET manifest_digest=excluded.manifest_digest,"
                 " size=excluded.size, user=excluded.user, chain_ids=excluded.chain_ids,"
-                " blobs=excluded.blobs",
+                " blobs=excluded.blobs, pinned=MAX(images.pinned, excluded.pinned)",
                 (
                     image.image_id,
                     image.manifest_digest,
@@ -520,14 +524,6 @@ class ImageManager:
     async def _reload(self) -> None:
         rows = await self._db.transaction(_load_rows)
         self._images, self._names = _index(rows)
-
-    async def set_pinned(self, image_id: str, pinned: bool) -> None:
-        await self._db.transaction(
-            lambda conn: conn.execute(
-                "UPDATE images SET pinned = ? WHERE image_id = ?", (int(pinned), image_id)
-            )
-        )
-        await self._reload()
 
     async def remove(self, text: str) -> bool:
         """Remove an image and every name it has; False when there was none.

@@ -12,6 +12,9 @@ import grpc
 import pytest
 from cri_api.v1 import api_pb2, api_pb2_grpc
 
+from tests.support import images as timg
+from tests.support.registry import push
+
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.timeout(120)]
 
 
@@ -613,3 +616,44 @@ def test_exec_sync(cri):
     with pytest.raises(grpc.RpcError) as err:
         cri.rt.ExecSync(api_pb2.ExecSyncRequest(container_id="a" * 64, cmd=["true"]), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_configured_sandbox_image_is_used_and_pinned(make_daemon, registry):
+    layer = (
+        timg.LayerBuilder()
+        .file("pause", Path("/usr/bin/catatonit").read_bytes(), mode=0o755)
+        .build()
+    )
+    pause = timg.build_image([layer], config={"Entrypoint": ["/pause", "-P"], "Cmd": None})
+    push(registry, "test/pause", "3.9", pause)
+    ref = f"{registry.host}/test/pause:3.9"
+    d = make_daemon(
+        config=f'[registry]\ninsecure = ["{registry.host}"]\n[runtime]\nsandbox_image = "{ref}"\n'
+    ).start()
+    cri = Client(d, registry)
+    cri.pull()
+    try:
+        sid, pc = cri.run_pod()  # pulls the sandbox image on first use
+        info = json.loads(
+            cri.rt.PodSandboxStatus(
+                api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sid, verbose=True), timeout=10
+            ).info["info"]
+        )
+        assert info["runtimeSpec"]["process"]["args"] == ["/pause", "-P"]
+        assert Path(f"/proc/{info['pid']}/exe").resolve().name == "pause"
+        status = cri.img.ImageStatus(
+            api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref)), timeout=10
+        ).image
+        assert status.id == pause.config.digest
+        assert status.pinned is True
+        busybox = cri.img.ImageStatus(
+            api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=cri.image)), timeout=10
+        ).image
+        assert busybox.pinned is False
+        cid = cri.create(sid, pc, ["sh", "-c", "echo in a pod of pause; exit 0"])
+        cri.start(cid)
+        assert cri.wait_exited(cid).exit_code == 0
+    finally:
+        cri.cleanup()
+    with open("/proc/self/mountinfo") as f:
+        assert not [line for line in f if str(d.base) in line]
