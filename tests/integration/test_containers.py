@@ -657,3 +657,15 @@ def test_configured_sandbox_image_is_used_and_pinned(make_daemon, registry):
         cri.cleanup()
     with open("/proc/self/mountinfo") as f:
         assert not [line for line in f if str(d.base) in line]
+
+
+def test_remove_pod_sandbox_without_stop_kills_and_removes_everything(cri, pd):
+    sid, pc = cri.run_pod()
+    cid = cri.create(sid, pc, ["sleep", "1000"])
+    cri.start(cid)
+    cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+    assert list(cri.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers) == []
+    assert list(cri.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items) == []
+    assert not Path(f"/run/netns/pouch-{sid[:16]}").exists()
+    with open("/proc/self/mountinfo") as f:
+        assert not [line for line in f if str(pd.base) in line]
